@@ -1,0 +1,1 @@
+"""afm-mlx: AFMTextV7 on MLX."""

@@ -1,0 +1,35 @@
+"""The `afm-mlx` command line: thin typer wrappers over library functions whose parameters match the flags.
+
+Each command catches AFMError and prints it as a single line (exit code 1); see `_fail`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .errors import AFMError
+
+app = typer.Typer(
+    help="Run Apple's on-device foundation model (AFMTextV7), its draft model and adapters with MLX.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(1)
+
+
+# ---- commands (one block each; keep them thin) ----
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except AFMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
