@@ -1,0 +1,101 @@
+"""KV cache: one per *regular* layer (the KV-reuse layers read the last regular layer's cache).
+
+Storage is dtype-agnostic: the model hands over int8 codes when the checkpoint has kv-quant scales
+(lossless, because AFM's K/V are on that int8 grid by construction: 17,920 bytes/token for the 3B base
+instead of 71,680 in fp32) and floats otherwise (a draft without kv-quantizer buffers).
+
+Arrays are [B, KV heads, S_alloc, head dim] and grow in chunks of `step` positions; `offset` is the number of
+valid positions. `trim(n)` only moves `offset` back: speculative rollback costs nothing, and the next update
+overwrites the stale slots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from .errors import AFMError
+
+
+class KVCache:
+    step = 256
+
+    def __init__(self):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append keys/values [B, KV, L, D]; return the full history [B, KV, offset, D]."""
+        new = keys.shape[2]
+        if self.keys is None or self.offset + new > self.keys.shape[2]:
+            self._grow(keys, values, new)
+        self.keys[..., self.offset:self.offset + new, :] = keys
+        self.values[..., self.offset:self.offset + new, :] = values
+        self.offset += new
+        return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, new: int) -> None:
+        B, n_kv, _, _ = keys.shape
+        size = ((self.offset + new + self.step - 1) // self.step) * self.step
+        k = mx.zeros((B, n_kv, size, keys.shape[3]), keys.dtype)
+        v = mx.zeros((B, n_kv, size, values.shape[3]), values.dtype)
+        if self.keys is not None and self.offset > 0:
+            k[..., :self.offset, :] = self.keys[..., :self.offset, :]
+            v[..., :self.offset, :] = self.values[..., :self.offset, :]
+        self.keys, self.values = k, v
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions (speculative rollback); returns how many were dropped."""
+        n = min(max(n, 0), self.offset)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        if self.keys is None:
+            return ()
+        return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
+
+    @state.setter
+    def state(self, kv: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = kv
+        self.offset = self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the valid positions (K and V)."""
+        return sum(a.nbytes for a in self.state)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def trim_caches(caches: list[KVCache], n: int) -> None:
+    for c in caches:
+        c.trim(n)
+
+
+def save_caches(path: str | Path, caches: list[KVCache], metadata: dict[str, str] | None = None) -> None:
+    """Write the valid part of every cache to one safetensors file (a prompt-cache snapshot)."""
+    arrays = {}
+    for i, c in enumerate(caches):
+        if c.keys is not None:
+            arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.state
+    meta = dict(metadata or {}, num_caches=str(len(caches)))
+    mx.save_safetensors(str(path), arrays, metadata=meta)
+
+
+def load_caches(path: str | Path) -> tuple[list[KVCache], dict[str, str]]:
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+        count = int(meta["num_caches"])
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise AFMError(f"{path}: not a cache file written by afm-mlx ({err})") from None
+    caches = [KVCache() for _ in range(count)]
+    for i, c in enumerate(caches):
+        if f"{i}.keys" in arrays:
+            c.state = (arrays[f"{i}.keys"], arrays[f"{i}.values"])
+    return caches, meta

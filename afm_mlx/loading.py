@@ -1,0 +1,101 @@
+"""Load model directories: config.json + model*.safetensors (+ tokenizer.model, + draft/).
+
+The format is mlx-lm's: `config["quantization"]` holds the default `bits`/`group_size` and per-module
+overrides (`"model.embedding": {"bits": 4, "group_size": 32}`, or `false` for unquantized); a module is
+quantized only when its `.scales` tensor is present, so mixed directories load without per-path entries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .dtypes import compute_dtype
+from .errors import AFMError
+from .model import Model, ModelArgs
+
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+
+
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise AFMError(f"model directory not found: {path}")
+    if not config_file.is_file():
+        raise AFMError(f"{path} is not a model directory: config.json is missing (convert toolkit checkpoints "
+                       "with `afm-mlx convert` first)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AFMError(f"{config_file}: invalid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise AFMError(f"{path}: no model*.safetensors weight files")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError, OSError) as err:
+            raise AFMError(f"{f}: unreadable safetensors file ({err})") from None
+    return weights
+
+
+def apply_quantization(model: nn.Module, quantization: dict | None, weights: dict) -> None:
+    """Swap Linear/Embedding modules for quantized ones where the weights are quantized (mlx-lm's rule)."""
+    if not quantization:
+        return
+
+    def predicate(path: str, module: nn.Module):
+        override = quantization.get(path)
+        if override is False or f"{path}.scales" not in weights:
+            return False
+        if isinstance(override, dict):
+            return {"group_size": override["group_size"], "bits": override["bits"], "mode": "affine"}
+        return hasattr(module, "to_quantized")
+
+    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=quantization.get("bits", 4),
+                class_predicate=predicate)
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast float parameters (weights, norms, quantization scales/biases) to the compute dtype.
+
+    The kv-quant scales stay float32: tamm computes the K/V fake-quant in fp32.
+    """
+    def cast(path: str, a: mx.array):
+        if path.endswith(("quant_key_scale", "quant_value_scale")) or not mx.issubdtype(a.dtype, mx.floating):
+            return a
+        return a.astype(dtype)
+
+    from mlx.utils import tree_flatten, tree_unflatten
+    params = tree_flatten(model.parameters())
+    model.update(tree_unflatten([(k, cast(k, v)) for k, v in params]))
+
+
+def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Model:
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
+    apply_quantization(model, config.get("quantization"), weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as err:
+        raise AFMError(f"weights do not match the config: {str(err).splitlines()[0]}") from None
+    cast_floats(model, dtype or compute_dtype())
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_model(path: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, dict]:
+    """(model, config) from a model directory; the embedded demo model when `path` is None."""
+    path = Path(path) if path is not None else DEMO_MODEL_DIR
+    config = read_config(path)
+    if "kv_quant" not in config:  # an mlx-lm afm7 directory: kv-quant scales are always present there
+        config["kv_quant"] = True
+    return build_model(config, read_weights(path), dtype), config

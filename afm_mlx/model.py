@@ -1,0 +1,273 @@
+"""AFMTextV7: Apple's on-device foundation model (base and draft) in MLX.
+
+Written from ../shared/docs/afm-format.md section 4 (the tamm numerics). Parameter names follow mlx-lm's
+`afm7` module so model directories are interchangeable. Shapes: B batch, L new tokens, S cached tokens,
+H query heads, KV key/value heads, D head dim.
+
+The base has two segments: `layers` (regular transformer layers, each with its own KV cache) and
+`kv_reuse_layers`, which compute only queries and attend to the K/V history of the *last* regular layer.
+K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .errors import AFMError
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_dim: int
+    num_layers: int
+    num_kv_reuse_layers: int
+    num_heads: int
+    num_kv_heads: int
+    hidden_dim_scale_factor: float = 3.25
+    rope_theta: float = 500000.0  # tamm's default; mlx-lm's afm7 wrongly defaults to 50000
+    rms_norm_eps: float = 1e-5
+    kv_quant: bool = True  # False for a draft checkpoint without kv-quantizer buffers
+    model_type: str = "afm7"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        names = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in config]
+        if missing:
+            raise AFMError(f"config.json lacks required field(s): {', '.join(missing)}")
+        args = cls(**{k: v for k, v in config.items() if k in names})
+        args.validate()
+        return args
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return round(self.hidden_dim * self.hidden_dim_scale_factor)  # tamm's builder rounds
+
+    @property
+    def num_regular_layers(self) -> int:
+        return self.num_layers - self.num_kv_reuse_layers
+
+    def validate(self) -> None:
+        checks = [
+            (self.model_type == "afm7", f"model_type must be 'afm7', got {self.model_type!r}"),
+            (min(self.vocab_size, self.hidden_dim, self.num_heads, self.num_kv_heads) > 0,
+             "vocab_size, hidden_dim, num_heads and num_kv_heads must be positive"),
+            (self.hidden_dim % self.num_heads == 0,
+             f"num_heads ({self.num_heads}) must divide hidden_dim ({self.hidden_dim})"),
+            (self.num_heads % self.num_kv_heads == 0,
+             f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"),
+            (self.head_dim % 2 == 0, f"head dim ({self.head_dim}) must be even for RoPE"),
+            (0 <= self.num_kv_reuse_layers < self.num_layers,
+             f"num_kv_reuse_layers ({self.num_kv_reuse_layers}) must be in [0, num_layers={self.num_layers})"),
+            (self.hidden_dim_scale_factor > 0 and self.ffn_dim > 0, "hidden_dim_scale_factor must be positive"),
+            (self.rope_theta > 0 and self.rms_norm_eps > 0, "rope_theta and rms_norm_eps must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AFMError(f"invalid model config: {message}")
+
+
+def rope_periods(head_dim: int, theta: float) -> mx.array:
+    """tamm's RoPE frequencies (fp32, computed in Python double), as the periods mx.fast.rope takes.
+
+    exponent_i = i * (2/dim - 1) / (dim/2 - 1) = -2i/dim; freq_i = fp32(theta ** exponent_i).
+    """
+    half = head_dim // 2
+    exponents = [i * (2 / head_dim - 1) / (half - 1) if half > 1 else 0.0 for i in range(half)]
+    inv_freqs = mx.array([math.pow(theta, e) for e in exponents], dtype=mx.float32)
+    return 1.0 / inv_freqs
+
+
+def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
+    """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32."""
+    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
+
+
+def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
+    """KV fake-quant, dequantise half: codes * scale in fp32, cast to the compute dtype."""
+    return (codes.astype(mx.float32) * scale).astype(dtype)
+
+
+class Attention(nn.Module):
+    """Regular layer attention: qkv -> RoPE -> per-head q/k RMSNorm -> int8 K/V -> causal GQA SDPA -> out."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.split_at = [args.hidden_dim, args.hidden_dim + kv_dim]  # rows: Q | K | V
+        self.qkv_proj = nn.Linear(args.hidden_dim, args.hidden_dim + 2 * kv_dim, bias=False)
+        self.out_proj = nn.Linear(args.hidden_dim, args.hidden_dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        if args.kv_quant:
+            self.quant_key_scale = mx.array(1.0)
+            self.quant_value_scale = mx.array(1.0)
+        self._periods = rope_periods(self.head_dim, args.rope_theta)
+        self.scale = self.head_dim**-0.5
+
+    @property
+    def kv_quant(self) -> bool:
+        return "quant_key_scale" in self
+
+    def rope(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset,
+                            freqs=self._periods)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """x [B, L, hidden] -> (out [B, L, hidden], full K/V history [B, KV, S, D] in compute dtype)."""
+        B, L, _ = x.shape
+        q, k, v = mx.split(self.qkv_proj(x), self.split_at, axis=-1)
+        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self.q_norm(self.rope(q, cache.offset))  # RoPE before the norm, as in tamm
+        k = self.k_norm(self.rope(k, cache.offset))
+        if self.kv_quant:
+            k, v = int8_codes(k, self.quant_key_scale), int8_codes(v, self.quant_value_scale)
+        keys, values = cache.update_and_fetch(k, v)
+        if self.kv_quant:
+            keys = dequantize_int8(keys, self.quant_key_scale, x.dtype)
+            values = dequantize_int8(values, self.quant_value_scale, x.dtype)
+        out = attend(q, keys, values, self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
+
+
+def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+    """Causal GQA attention of the last L positions against S keys (lower-right aligned mask)."""
+    mask = "causal" if q.shape[2] > 1 else None
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+
+class KVReuseAttention(nn.Module):
+    """KV-reuse attention: only Q (+ q-norm, no k-norm) against the last regular layer's K/V."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim = args.num_heads, args.head_dim
+        self.q_proj = nn.Linear(args.hidden_dim, args.hidden_dim, bias=False)
+        self.out_proj = nn.Linear(args.hidden_dim, args.hidden_dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self._periods = rope_periods(self.head_dim, args.rope_theta)
+        self.scale = self.head_dim**-0.5
+
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        offset = keys.shape[2] - L  # the L queries are the last L of the S cached positions
+        q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset,
+                         freqs=self._periods)
+        out = attend(self.q_norm(q), keys, values, self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.hidden_dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.hidden_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.up_proj(x) * nn.silu(self.gate_proj(x)))  # SwiGLU: up * silu(gate)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache):
+        r, kv = self.self_attn(self.input_layernorm(x), cache)
+        h = x + r
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class KVReuseTransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = KVReuseAttention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), keys, values)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class AFMModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embedding = nn.Embedding(args.vocab_size, args.hidden_dim)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_regular_layers)]
+        self.kv_reuse_layers = [KVReuseTransformerBlock(args) for _ in range(args.num_kv_reuse_layers)]
+        self.output_norm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
+
+    def regular(self, tokens: mx.array, cache: list[KVCache]):
+        """Embedding + regular layers: hidden [B, L, hidden] and the last layer's K/V history."""
+        h = self.embedding(tokens)
+        for layer, layer_cache in zip(self.layers, cache):
+            h, kv = layer(h, layer_cache)
+        return h, kv
+
+    def reuse(self, h: mx.array, kv: tuple[mx.array, mx.array]) -> mx.array:
+        for layer in self.kv_reuse_layers:
+            h = layer(h, *kv)
+        return self.output_norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = AFMModel(args)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None,
+                 num_logits: int | None = None) -> mx.array:
+        """tokens [B, L] -> logits [B, L, V], or [B, num_logits, V] for the last num_logits positions.
+
+        The reuse layers and the vocab-wide head run only for the positions whose logits are asked for:
+        reuse layers attend to the regular K/V, never to each other's earlier positions, so dropping
+        positions before them changes nothing for the ones kept.
+        """
+        cache = self.make_cache() if cache is None else cache
+        h, kv = self.model.regular(tokens, cache)
+        if num_logits is not None:
+            h = h[:, -num_logits:]
+        return self.model.embedding.as_linear(self.model.reuse(h, kv))
+
+    def prefill(self, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> None:
+        """Fill the caches with `tokens` [B, L] through the regular layers only, chunk by chunk.
+
+        No reuse layer and no head runs here; generation prefills all prompt tokens but the last, then
+        calls the model on the last one for its logits.
+        """
+        for start in range(0, tokens.shape[1], chunk_size):
+            self.model.regular(tokens[:, start:start + chunk_size], cache)
+            mx.eval([c.state for c in cache])
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.layers]
+
+    @property
+    def layers(self):
+        return self.model.layers + self.model.kv_reuse_layers
