@@ -23,6 +23,7 @@ non-tensor leaves (ints, strings, ...) go to `Checkpoint.extras` instead of the 
 
 from __future__ import annotations
 
+import _compat_pickle  # stdlib: the Python 2 -> 3 name table pickle itself uses
 import collections
 import hashlib
 import io
@@ -155,6 +156,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._source_name = source_name
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol 2 spells some names the Python 2 way (__builtin__.eval, commands.call): use Python 3's names
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self._allowed(module, name)
         if found is None:
             raise AFMError(
@@ -164,7 +168,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def _allowed(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        if module in ("builtins", "__builtin__") and name in self._BUILTIN_TYPES:
+        if module == "builtins" and name in self._BUILTIN_TYPES:
             return self._BUILTIN_TYPES[name]
         if (module, name) == ("_codecs", "encode"):
             return _encode_latin1
