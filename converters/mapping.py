@@ -111,8 +111,15 @@ class MappedCheckpoint:
         return array
 
 
-def _to_numpy(tensor: Any) -> np.ndarray:
-    return tensor.numpy() if hasattr(tensor, "numpy") and not isinstance(tensor, np.ndarray) else np.asarray(tensor)
+def _to_numpy(tensor: Any, copy: bool = True) -> np.ndarray:
+    """A NumPy array from an array or a lazy tensor; torch_zip tensors are read into owned memory (copy=True)
+    so that no memory map of the checkpoint stays resident after the tensor is dropped."""
+    if isinstance(tensor, np.ndarray) or not hasattr(tensor, "numpy"):
+        return np.asarray(tensor)
+    try:
+        return tensor.numpy(copy=copy)
+    except TypeError:  # numpy() without a copy flag (e.g. a torch tensor)
+        return tensor.numpy()
 
 
 def _shape(tensor: Any) -> tuple[int, ...]:
@@ -443,7 +450,7 @@ def check_tied_output(tensors: Mapping[str, Any], mapped: MappedCheckpoint, chun
     shares = getattr(tensors, "shares_storage", None)
     if shares is not None and shares(emb_key, mapped.tied_output):
         return
-    emb, out = _to_numpy(tensors[emb_key]), _to_numpy(tensors[mapped.tied_output])
+    emb, out = _to_numpy(tensors[emb_key], copy=False), _to_numpy(tensors[mapped.tied_output], copy=False)
     for start in range(0, emb.shape[0], chunk_rows):  # row blocks keep the comparison's memory small
         if not np.array_equal(emb[start : start + chunk_rows], out[start : start + chunk_rows]):
             raise AFMError(

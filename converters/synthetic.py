@@ -65,7 +65,8 @@ class LazyArray:
     def __call__(self) -> np.ndarray:
         return self._draw()
 
-    numpy = __call__
+    def numpy(self, copy: bool = True) -> np.ndarray:
+        return self._draw()
 
     @property
     def nbytes(self) -> int:
