@@ -46,7 +46,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        _check(_is_number(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"
+        )
         _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")

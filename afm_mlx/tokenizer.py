@@ -352,16 +352,19 @@ class _PieceTable:
     """
 
     def __init__(self, sp: spm.SentencePieceProcessor):
-        n = sp.get_piece_size()
-        self.control = [sp.is_control(i) for i in range(n)]
-        self.byte = [int(sp.id_to_piece(i)[3:5], 16) if sp.is_byte(i) else None for i in range(n)]
-        self.unknown = [sp.is_unknown(i) for i in range(n)]
-        self.surface = [sp.id_to_piece(i) for i in range(n)]
+        ids = list(range(sp.get_piece_size()))
+        self.surface = sp.id_to_piece(ids)
+        self.control = sp.is_control(ids)
+        self.unknown = sp.is_unknown(ids)
+        self.byte = [int(piece[3:5], 16) if is_byte else None for piece, is_byte in zip(self.surface, sp.is_byte(ids))]
         self.unk_surface = sp.decode([sp.unk_id()]) if sp.unk_id() >= 0 else ""
-        self.strip_bos_space, self.strip_repeatedly = self._probe(sp)
+        plain = [i for i, unused in zip(ids, sp.is_unused(ids)) if not self._special(i) and not unused]
+        self.strip_bos_space, self.strip_repeatedly = self._probe(sp, plain)
 
-    def _probe(self, sp: spm.SentencePieceProcessor) -> tuple[bool, bool]:
-        plain = [i for i in range(len(self.surface)) if self._is_plain(sp, i)]
+    def _special(self, i: int) -> bool:
+        return self.control[i] or self.unknown[i] or self.byte[i] is not None
+
+    def _probe(self, sp: spm.SentencePieceProcessor, plain: list[int]) -> tuple[bool, bool]:
         word = next((i for i in plain if len(self.surface[i]) > 1 and self.surface[i][0] == _SPACE), None)
         if word is None:
             return False, False
@@ -370,9 +373,6 @@ class _PieceTable:
         if not strip or lone_space is None:
             return strip, False
         return strip, not sp.decode([lone_space, word]).startswith(" ")
-
-    def _is_plain(self, sp: spm.SentencePieceProcessor, i: int) -> bool:
-        return not (self.control[i] or self.byte[i] is not None or self.unknown[i] or sp.is_unused(i))
 
 
 def _utf8_length(lead: int) -> int:

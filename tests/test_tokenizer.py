@@ -79,7 +79,9 @@ def test_tool_calls_and_tool_results():
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Nîmes"}'}}],
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Nîmes"}'}}
+            ],
         },
         {"role": "tool", "content": {"temp": 21}},
         {"role": "function", "content": [TIME_TOOL]},
