@@ -1,0 +1,99 @@
+"""qmm_small: x[M, K] @ dequant(W)[N, K]^T for the few rows of decode and speculative verification (M = 1..8).
+
+MLX's quantized_matmul costs ~2.3x at M = 4 what it costs at M = 1 for 2-bit weights (mlx #3852); this kernel
+reads every weight word once and applies it to all M rows, so its cost stays close to the M = 1 weight read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from . import dispatch
+from .reference import qmm_small_reference
+from .tolerances import TOLERANCES
+
+MAX_ROWS = 8
+KERNEL_BITS = (2, 4)
+KERNEL_GROUPS = (32, 64, 128)
+ROWS_PER_SIMDGROUP = 4
+SIMDGROUPS = 2
+INPUTS = ["x", "w", "scales", "biases", "lora_t", "lora_b", "k", "n", "rank"]
+
+
+def _check_shapes(x, w, scales, biases, bits, group_size, lora) -> None:
+    k = x.shape[-1]
+    n = w.shape[0]
+    if w.dtype != mx.uint32 or w.ndim != 2 or w.shape[1] * 32 != k * bits:
+        raise ValueError(f"w must be uint32 [N, K*bits/32] = [{n}, {k * bits // 32}], got {w.dtype} {w.shape}")
+    if k % group_size or scales.shape != (n, k // group_size) or biases.shape != scales.shape:
+        raise ValueError(f"scales/biases must be [N, K/group_size] = [{n}, {k // group_size}], got {scales.shape}")
+    if lora is not None:
+        a, b, _ = lora
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != k or b.shape != (a.shape[1], n):
+            raise ValueError(f"lora needs A[K, r], B[r, N] with K={k}, N={n}; got {a.shape}, {b.shape}")
+
+
+def _uses_kernel(which: str, m: int, x, bits: int, group_size: int) -> bool:
+    return (which != "cpu" and 1 <= m <= MAX_ROWS and bits in KERNEL_BITS and group_size in KERNEL_GROUPS
+            and x.dtype in TOLERANCES)  # fmt: skip
+
+
+def _launch(which: str, x2, w, scales, biases, bits: int, group_size: int, lora):
+    m, k = x2.shape
+    n = w.shape[0]
+    if lora is not None:
+        a, lora_b, lora_scale = lora
+        lora_t = (x2.astype(mx.float32) @ a.astype(mx.float32)) * lora_scale  # [M, r], tiny
+        rank = a.shape[1]
+    else:
+        lora_t, lora_b, rank = mx.zeros((1,), mx.float32), mx.zeros((1,), x2.dtype), 0
+    rows_per_group = ROWS_PER_SIMDGROUP * SIMDGROUPS
+    kern = dispatch.kernel("qmm_small", which, INPUTS, ["y"])
+    return kern(
+        inputs=[x2, w, scales, biases, lora_t, lora_b, k, n, rank],
+        template=[("T", x2.dtype), ("S", scales.dtype), ("BT", lora_b.dtype), ("M", m), ("BITS", bits),
+                  ("GS", group_size), ("R", ROWS_PER_SIMDGROUP), ("HAS_LORA", lora is not None)],
+        grid=(32 * SIMDGROUPS * math.ceil(n / rows_per_group), 1, 1),
+        threadgroup=(32 * SIMDGROUPS, 1, 1),
+        output_shapes=[(m, n)],
+        output_dtypes=[x2.dtype],
+    )[0]  # fmt: skip
+
+
+def qmm_small(x, w, scales, biases, *, bits: int, group_size: int, lora=None) -> mx.array:
+    """y[..., N] = x[..., K] @ dequant(w)^T (+ lora_scale * (x @ A) @ B), MLX affine packing (mx.quantize).
+
+    w [N, K*bits/32] uint32, scales/biases [N, K/group_size]; lora = (A[K, r], B[r, N], lora_scale) or None.
+    The custom kernel runs for 1..8 rows, bits 2/4, groups 32/64/128 on Metal or CUDA; otherwise, and on the
+    CPU, this is `mx.quantized_matmul` (+ the LoRA term).
+    """
+    _check_shapes(x, w, scales, biases, bits, group_size, lora)
+    k, n = x.shape[-1], w.shape[0]
+    m = x.size // k if k else 0
+    which = dispatch.backend()
+    if not _uses_kernel(which, m, x, bits, group_size):
+        return qmm_small_reference(x, w, scales, biases, bits=bits, group_size=group_size, lora=lora)
+    x2 = x.reshape(m, k)
+    args = dict(bits=bits, group_size=group_size, lora=lora)
+    shape_class = ("qmm_small", which, str(x.dtype), str(scales.dtype), m, bits, group_size, lora is not None)
+    y = dispatch.checked(
+        shape_class,
+        run_kernel=lambda: _launch(which, x2, w, scales, biases, bits, group_size, lora),
+        run_oracle=lambda: qmm_small_reference(x2, w, scales, biases, dtype=mx.float32, **args),
+        run_fallback=lambda: qmm_small_reference(x2, w, scales, biases, **args),
+        dtype=x.dtype,
+    )
+    return y.reshape(*x.shape[:-1], n)
+
+
+def quantized_linear_small(x, layer, lora=None) -> mx.array:
+    """`layer(x)` for an affine `nn.QuantizedLinear` (weight, scales, biases, optional bias) through qmm_small."""
+    if getattr(layer, "mode", "affine") != "affine":
+        raise ValueError(f"qmm_small handles affine quantization, not {layer.mode!r}")
+    y = qmm_small(x, layer.weight, layer.scales, layer.biases, bits=layer.bits, group_size=layer.group_size,
+                  lora=lora)  # fmt: skip
+    if "bias" in layer:
+        y = y + layer.bias
+    return y
