@@ -6,6 +6,8 @@ Each command catches AFMError and prints it as a single line (exit code 1); see 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -30,6 +32,57 @@ def _fail(err: Exception) -> None:
 
 
 # ---- commands (one block each; keep them thin) ----
+
+
+@app.command()
+def convert(
+    paths: list[Path] = typer.Argument(..., metavar="[TOOLKIT_DIR] OUT_DIR", show_default=False,
+                                       help="The toolkit directory (assets/base-model.pt, draft-model.pt, "
+                                            "tokenizer.model, or those files at its top level), then the output."),
+    base: Optional[Path] = typer.Option(None, help="Base checkpoint (.pt), instead of TOOLKIT_DIR's."),
+    draft: Optional[Path] = typer.Option(None, help="Draft checkpoint, e.g. draft-model-final.pt."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.model, instead of TOOLKIT_DIR's."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
+    recipe: str = typer.Option("auto", help="auto: per tensor the lowest bits / largest group that reproduce the "
+                                            "weights exactly, else the settings below; lossy: the settings below."),
+    bits: int = typer.Option(2, help="Linear weights: 2, 3, 4, 8 (affine), 16 (float16) or 32 (float32)."),
+    group_size: int = typer.Option(128, help="Quantization group size: 32, 64 or 128."),
+    embedding_bits: int = typer.Option(4, help="Tied embedding / output head bits."),
+    embedding_group_size: int = typer.Option(32, help="Tied embedding group size."),
+    draft_bits: Optional[int] = typer.Option(None, help="Draft linear bits (default: --bits)."),
+    draft_group_size: Optional[int] = typer.Option(None, help="Draft group size (default: --group-size)."),
+    draft_embedding_bits: Optional[int] = typer.Option(None, help="Draft embedding bits (default: --embedding-bits)."),
+    draft_embedding_group_size: Optional[int] = typer.Option(None, help="Draft embedding group size."),
+    override: list[str] = typer.Option([], help="PATTERN=BITS[:GROUP] for matching modules, e.g. "
+                                                "'model.layers.*.mlp.down_proj=4:64'; repeatable."),
+    draft_override: list[str] = typer.Option([], help="Like --override, for the draft."),
+    rope_theta: float = typer.Option(500000.0, help="RoPE base written to config.json (tamm default)."),
+    draft_rope_theta: Optional[float] = typer.Option(None, help="Draft RoPE base (default: --rope-theta)."),
+):
+    """Convert Apple adapter-toolkit checkpoints into an MLX model directory (tokenizer and draft/ included).
+
+    Reads the .pt files without torch, one tensor at a time. Writes config.json, model*.safetensors, the tokenizer, draft/ and conversion_report.json (per tensor: storage, bits, group, errors, exact) into a temporary directory that replaces OUT_DIR only when everything succeeded.
+    """
+    from rich.console import Console
+
+    from afm_mlx.converters import convert as run_convert
+    from afm_mlx.converters.summary import conversion_progress, print_summary
+
+    if len(paths) > 2:
+        _fail(AFMError("expected [TOOLKIT_DIR] OUT_DIR"))
+    source, out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
+    try:
+        with conversion_progress(Console(stderr=True)) as progress:
+            result = run_convert(
+                source, out, base=base, draft=draft, tokenizer=tokenizer, force=force, recipe=recipe, bits=bits,
+                group_size=group_size, embedding_bits=embedding_bits, embedding_group_size=embedding_group_size,
+                draft_bits=draft_bits, draft_group_size=draft_group_size, draft_embedding_bits=draft_embedding_bits,
+                draft_embedding_group_size=draft_embedding_group_size, overrides=override,
+                draft_overrides=draft_override, rope_theta=rope_theta, draft_rope_theta=draft_rope_theta,
+                progress=progress)
+    except (AFMError, OSError) as err:
+        _fail(err)
+    print_summary(result, Console())
 
 
 @app.command()

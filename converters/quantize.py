@@ -207,6 +207,14 @@ def store_float(w: np.ndarray, bits: int) -> Packed:
     return Packed({"weight": stored}, bits, None, exact, f"float{bits}", stats.max_abs, stats.relative)
 
 
+def fitting_group(in_features: int, requested: int) -> int:
+    """The requested group size, or the largest smaller MLX group size that divides `in_features`."""
+    for group in (g for g in GROUP_SIZES if g <= requested):
+        if in_features % group == 0:
+            return group
+    raise AFMError(f"input size {in_features} is not a multiple of 32: it cannot be quantized; store it as float")
+
+
 def quantize_tensor(w: np.ndarray, request: QuantSetting, recipe: str = "auto") -> Packed:
     """Store one weight matrix.
 
@@ -225,10 +233,15 @@ def quantize_tensor(w: np.ndarray, request: QuantSetting, recipe: str = "auto") 
         as_half = store_float(w, 16)
         if as_half.exact:
             return as_half
+    notes = []
     if request.quantized:
-        packed = pack_exact(w, request.bits, request.group_size) or pack_lossy(w, request.bits, request.group_size)
+        group = fitting_group(w.shape[1], request.group_size)
+        if group != request.group_size:
+            notes.append(f"group {request.group_size} does not divide {w.shape[1]} inputs; used {group}")
+        packed = pack_exact(w, request.bits, group) or pack_lossy(w, request.bits, group)
     else:
         packed = store_float(w, request.bits)
+    packed.notes += notes
     if recipe == "auto" and not packed.exact:
         packed.notes.append("no exact grid found; stored with the requested lossy setting")
     return packed

@@ -144,14 +144,20 @@ def convert_model(
     rope_theta: float = DEFAULT_ROPE_THETA,
     rms_norm_eps: float = DEFAULT_RMS_NORM_EPS,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    on_tensor: Callable[[str, int], None] | None = None,
+    on_tensor: Callable[[str, int, int], None] | None = None,
+    check_config: Callable[[dict[str, Any]], None] | None = None,
 ) -> ModelResult:
-    """Map, quantize and write one toolkit state dict into `out_dir` (config.json + safetensors + report)."""
+    """Map, quantize and write one toolkit state dict into `out_dir` (config.json + safetensors + report).
+
+    check_config(config) runs after the (cheap) mapping and before any tensor is converted."""
     mapped = map_toolkit_state_dict(checkpoint, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps)
+    if check_config is not None:
+        check_config(mapped.config)
     check_tied_output(checkpoint, mapped)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ModelResult(dict(mapped.config), ignored=list(mapped.ignored))
     writer = ShardWriter(out_dir, shard_bytes)
+    total = sum(_nbytes(checkpoint[source.key]) for source in mapped.weights.values())
     try:
         for name, source in mapped.weights.items():
             array = mapped.load(name, checkpoint)
@@ -164,7 +170,7 @@ def convert_model(
             result.source_bytes += size
             del array, packed
             if on_tensor is not None:
-                on_tensor(name, size)
+                on_tensor(name, size, total)
         writer.close()
     except BaseException:
         writer.abort()
@@ -231,19 +237,33 @@ def _write_lora_if_nonzero(checkpoint, mapped: MappedCheckpoint, out_dir: Path) 
 # ---- tokenizer ----
 
 
-def _write_tokenizer(tokenizer: Path, out_dir: Path, vocab_size: int) -> dict[str, int]:
-    """Copy tokenizer.model and write tokenizer_config.json with the special ids read from it."""
+def _load_sentencepiece(tokenizer: Path):
+    """The SentencePiece model, with its AFM special pieces checked (before any weight is converted)."""
     import sentencepiece as spm
 
-    from afm_mlx.tokenizer import special_token_ids, write_tokenizer_config
+    from afm_mlx.tokenizer import special_token_ids
 
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(tokenizer))
     except (OSError, RuntimeError) as err:
         raise AFMError(f"{tokenizer}: not a SentencePiece model ({str(err).splitlines()[0]})") from None
-    if sp.get_piece_size() > vocab_size:
-        raise AFMError(f"{tokenizer} has {sp.get_piece_size()} pieces but the model's vocabulary is {vocab_size}")
+    special_token_ids(sp)
+    return sp
+
+
+def _check_vocab(sp, tokenizer: Path | None, label: str) -> Callable[[dict[str, Any]], None]:
+    def check(config: dict[str, Any]) -> None:
+        if sp is not None and sp.get_piece_size() > config["vocab_size"]:
+            raise AFMError(f"{tokenizer} has {sp.get_piece_size()} pieces but the {label} model's vocabulary is "
+                           f"{config['vocab_size']}: wrong tokenizer or checkpoint")
+    return check
+
+
+def _write_tokenizer(sp, tokenizer: Path, out_dir: Path) -> dict[str, int]:
+    """Copy tokenizer.model and write tokenizer_config.json with the special ids read from it."""
+    from afm_mlx.tokenizer import special_token_ids, write_tokenizer_config
+
     shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
     write_tokenizer_config(out_dir, sp)
     return special_token_ids(sp).as_dict()
@@ -346,26 +366,27 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
     if sources.draft is not None:
         theta = rope_theta if draft_rope_theta is None else draft_rope_theta
         models.append(("draft", sources.draft, tmp / "draft", plans[1], theta))
+    sp = _load_sentencepiece(sources.tokenizer) if sources.tokenizer is not None else None
     results: dict[str, ModelResult] = {}
     for label, path, out_dir, plan, theta in models:
         with open_checkpoint(path) as checkpoint:
-            total = sum(_nbytes(t) for t in checkpoint.values())
 
-            def on_tensor(name, nbytes, label=label, total=total):
+            def on_tensor(name, nbytes, total, label=label):
                 if progress is not None:
                     progress(label, name, nbytes, total)
 
             results[label] = convert_model(checkpoint, out_dir, plan, rope_theta=theta, rms_norm_eps=rms_norm_eps,
-                                           shard_bytes=shard_bytes, on_tensor=on_tensor)
+                                           shard_bytes=shard_bytes, on_tensor=on_tensor,
+                                           check_config=_check_vocab(sp, sources.tokenizer, label))
     base, draft_result = results["base"], results.get("draft")
     if draft_result is not None and draft_result.config["vocab_size"] != base.config["vocab_size"]:
         raise AFMError(f"draft vocabulary {draft_result.config['vocab_size']} != base vocabulary "
                        f"{base.config['vocab_size']}: they cannot share a tokenizer")
     special = None
-    if sources.tokenizer is not None:
-        special = _write_tokenizer(sources.tokenizer, tmp, base.config["vocab_size"])
+    if sp is not None:
+        special = _write_tokenizer(sp, sources.tokenizer, tmp)
         if draft_result is not None:
-            _write_tokenizer(sources.tokenizer, tmp / "draft", draft_result.config["vocab_size"])
+            _write_tokenizer(sp, sources.tokenizer, tmp / "draft")
     report = _report(sources, base, draft_result, special)
     if draft_result is not None:
         (tmp / "draft" / REPORT_FILE).write_text(json.dumps(report["draft"], indent=2) + "\n")
