@@ -86,6 +86,17 @@ def test_filtered_probs_match_numpy_reference_batched(settings):
     np.testing.assert_array_equal(probs == 0, expected == 0)  # filtered tokens are exactly impossible
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_logits_give_float32_probs(dtype):
+    logits = mx.array(_logits((3, V))).astype(dtype)
+    settings = dict(temperature=0.7, top_k=10, min_p=0.05)
+    probs = np.array(filtered_probs(logits, SamplingParams(**settings)))
+    assert probs.dtype == np.float32
+    rounded = np.array(logits.astype(mx.float32))  # the reference sees the same rounded logits
+    expected = np.stack([reference_probs(row, **settings) for row in rounded])
+    np.testing.assert_allclose(probs, expected, atol=2e-7, rtol=1e-5)
+
+
 def test_filters_actually_filter():
     logits = mx.array(_logits((V,)))
     def kept(**settings):

@@ -173,6 +173,17 @@ def test_raw_mode_has_no_template_and_matches_a_spelled_out_template(tok):
     assert tok.encode("Hello world")[0] != ids[1]  # with the dummy prefix it would begin with `▁H...`
 
 
+def test_conversation_ids_are_the_concatenation_of_turn_ids(tok):
+    # What a chat loop that keeps its KV cache across turns relies on: specials split the text, so the ids of
+    # the whole conversation = first prompt + reply (+ <turn_end>) + the next turns encoded without dummy prefix.
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    messages.append({"role": "user", "content": "More?\nPlease"})
+    first = tok.encode_prompt(messages[:1])
+    reply = tok.encode("Hello!", dummy_prefix=False) + [tok.turn_end_id]
+    rest = tok.encode("<turn_start> user\nMore?\nPlease<turn_end><turn_start> assistant\n", dummy_prefix=False)
+    assert tok.encode_prompt(messages) == first + reply + rest
+
+
 @pytest.mark.parametrize(
     "prompt, kwargs, message",
     [
