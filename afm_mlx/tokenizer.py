@@ -195,6 +195,8 @@ def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dic
             raise AFMError("got both a system= argument and a system message; pass only one")
         return messages
     system = DEFAULT_SYSTEM_MESSAGE if system is None else system
+    if not isinstance(system, str):
+        raise AFMError(f"the system message must be a string, got {type(system).__name__}")
     if system != system.strip(" "):
         raise AFMError("the system message must not start or end with a space")
     return [{"role": "system", "content": system}] + messages

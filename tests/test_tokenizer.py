@@ -120,6 +120,7 @@ def test_response_format_is_appended_to_the_last_message():
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], {}, "first message"),
         ([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}], {"system": "c"}, "only one"),
         ([{"role": "user", "content": "a"}], {"system": " padded"}, "space"),
+        ([{"role": "user", "content": "a"}], {"system": 5}, "must be a string"),
         ([{"role": "user", "content": 3}], {}, "string"),
         ([{"role": "user", "content": "a"}], {"response_format": {"type": "text"}}, "json_schema"),
         ([{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}], {}, "function name"),
