@@ -99,3 +99,35 @@ def load_model(path: str | Path | None = None, dtype: mx.Dtype | None = None) ->
     if "kv_quant" not in config:  # an mlx-lm afm7 directory: kv-quant scales are always present there
         config["kv_quant"] = True
     return build_model(config, read_weights(path), dtype), config
+
+
+def load(path: str | Path | None = None, draft: str | Path | bool | None = None, adapter: str | Path | None = None,
+         dtype: mx.Dtype | None = None):
+    """(model, tokenizer) from a converted model directory, or the embedded demo family when `path` is None.
+
+    draft: a draft model directory, True for the `draft/` directory inside `path`, None/False for none. The
+    draft is attached as `model.draft` (generation uses it when no `draft_model` is passed).
+    adapter: an adapter (toolkit .pt, .fmadapter, or mlx-lm adapter dir) made active on the model.
+    """
+    from .tokenizer import load_tokenizer
+
+    root = Path(path) if path is not None else DEMO_MODEL_DIR
+    model, _ = load_model(root, dtype)
+    tokenizer = load_tokenizer(root)
+    model.draft = None
+    if draft is True:
+        draft = root / "draft"
+    if draft:
+        model.draft, _ = load_model(draft, dtype)
+        check_draft_compatible(model, model.draft)
+    if adapter is not None:
+        from .adapters import load_adapter
+
+        load_adapter(model, adapter, activate=True)
+    return model, tokenizer
+
+
+def check_draft_compatible(model: Model, draft: Model) -> None:
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise AFMError(f"draft vocabulary ({draft.args.vocab_size}) differs from the base's "
+                       f"({model.args.vocab_size}): a draft must share the base's tokenizer")
