@@ -375,9 +375,14 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
                 if progress is not None:
                     progress(label, name, nbytes, total)
 
-            results[label] = convert_model(checkpoint, out_dir, plan, rope_theta=theta, rms_norm_eps=rms_norm_eps,
-                                           shard_bytes=shard_bytes, on_tensor=on_tensor,
-                                           check_config=_check_vocab(sp, sources.tokenizer, label))
+            try:
+                results[label] = convert_model(
+                    checkpoint, out_dir, plan, rope_theta=theta, rms_norm_eps=rms_norm_eps, shard_bytes=shard_bytes,
+                    on_tensor=on_tensor, check_config=_check_vocab(sp, sources.tokenizer, label))
+            except AFMError as err:
+                if path.name in str(err):
+                    raise
+                raise AFMError(f"{path.name} ({label}): {err}") from None
     base, draft_result = results["base"], results.get("draft")
     if draft_result is not None and draft_result.config["vocab_size"] != base.config["vocab_size"]:
         raise AFMError(f"draft vocabulary {draft_result.config['vocab_size']} != base vocabulary "
