@@ -1,0 +1,317 @@
+"""Runtime LoRA adapters on any AFMTextV7 base, float or quantized, several resident at once.
+
+    name = load_adapter(model, "adapter-final.pt")          # toolkit .pt, .fmadapter or mlx-lm adapter dir
+    set_active_adapter(model, name)                          # or None: the plain base, no LoRA compute at all
+    with using_adapter(model, "other"): ...                  # for one call, previous adapter restored after
+
+Each adapted projection computes y = W x + scale * (x A) B without touching W (afm-format.md 3.1), so a 2-bit base
+keeps the adapter exact: fusing W + scale * (A B)^T into 2-bit weights would re-quantize it and erase the adapter.
+`LoRALinear` wraps the model's Linear / QuantizedLinear and returns the same [.., out] tensor the model expects; for
+the fused Q|K|V projection it adds the Q, K and V LoRAs to their own column blocks. Wrappers are put in place only
+for the active adapter and removed when none is active; switching between adapters flips one attribute per module.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .converters.adapter_formats import (
+    TOOLKIT_BASE_SIGNATURE,
+    AdapterWeights,
+    check_adapter,
+    default_adapter_name,
+    lora_layout,
+    module_of,
+    read_adapter,
+    write_fmadapter,
+)
+from .errors import AFMError
+
+
+@dataclass
+class LoRA:
+    """One module's LoRA: a [in, parts * r] (the parts' A side by side, one matmul), b per part [r, out_k]."""
+
+    a: mx.array
+    b: list[mx.array]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.b[0].shape[0]
+
+
+class LoRALinear(nn.Module):
+    """y = linear(x) + scale * (x A) B, with B applied per output part (Q | K | V) and the parts concatenated."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+        self.lora: LoRA | None = None  # plain attribute: not a parameter, set by set_active_adapter
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        lora = self.lora
+        if lora is None:
+            return y
+        h = x @ lora.a  # [..., parts * r]
+        if len(lora.b) == 1:
+            return mx.addmm(y, h, lora.b[0], alpha=lora.scale)
+        r = lora.rank
+        z = mx.concatenate([h[..., k * r:(k + 1) * r] @ b for k, b in enumerate(lora.b)], axis=-1)
+        return y + lora.scale * z
+
+
+@dataclass
+class _Adapter:
+    name: str
+    rank: int
+    scale: float
+    format: str
+    source: str
+    metadata: dict
+    loras: dict[str, LoRA]  # module path -> weights
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(lora.a.size + sum(b.size for b in lora.b) for lora in self.loras.values())
+
+
+@dataclass
+class _Registry:
+    adapters: dict[str, _Adapter] = field(default_factory=dict)
+    wrappers: dict[str, LoRALinear] = field(default_factory=dict)  # module path -> its (re-usable) wrapper
+    active: str | None = None
+
+
+def _registry(model: nn.Module) -> _Registry:
+    registry = model.__dict__.get("_afm_adapters")
+    if registry is None:
+        registry = _Registry()
+        model.__dict__["_afm_adapters"] = registry  # a plain attribute: never part of the parameter tree
+    return registry
+
+
+# ---- module paths ----
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    node: Any = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    _get(model, parent)[leaf] = module
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return "scales" in module
+
+
+def _dtype(module: nn.Module) -> mx.Dtype:
+    return module["scales"].dtype if _is_quantized(module) else module["weight"].dtype
+
+
+# ---- loading ----
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, activate: bool = False, *,
+                 scale: float | None = None, expected_signature: str | None = TOOLKIT_BASE_SIGNATURE,
+                 allow_signature_mismatch: bool = False) -> str:
+    """Read an adapter (toolkit .pt, .fmadapter, mlx-lm dir), keep it resident on `model`; returns its name.
+
+    name: defaults to the file/dir name (`chat.fmadapter` -> "chat"). scale: overrides the file's (toolkit: 0.5).
+    expected_signature / allow_signature_mismatch: the .fmadapter `baseModelSignature` check.
+    """
+    adapter = read_adapter(path, model.args, expected_signature=expected_signature,
+                           allow_signature_mismatch=allow_signature_mismatch)
+    if scale is not None:
+        adapter.scale = float(scale)
+    return add_adapter(model, adapter, name or default_adapter_name(path), activate)
+
+
+def add_adapter(model: nn.Module, adapter: AdapterWeights, name: str, activate: bool = False) -> str:
+    """Make an in-memory adapter resident on `model` under `name` (cast to the projections' dtype)."""
+    registry = _registry(model)
+    if name in registry.adapters:
+        raise AFMError(f"an adapter named {name!r} is already loaded; pick another name or unload_adapter() it")
+    check_adapter(adapter, model.args)
+    wrappers = {p: registry.wrappers[p] if p in registry.wrappers else _new_wrapper(model, p)
+                for p in adapter.modules}
+    loras = {p: _module_lora(adapter, p, _dtype(w.linear)) for p, w in wrappers.items()}
+    mx.eval([(lora.a, lora.b) for lora in loras.values()])
+    registry.wrappers.update(wrappers)
+    registry.adapters[name] = _Adapter(name, adapter.rank, adapter.scale, adapter.format, adapter.source,
+                                       adapter.metadata, loras)
+    if activate:
+        set_active_adapter(model, name)
+    return name
+
+
+def _new_wrapper(model: nn.Module, path: str) -> LoRALinear:
+    module = _get(model, path)
+    if isinstance(module, LoRALinear):
+        raise AFMError(f"{path} is already a LoRA wrapper not managed by afm_mlx.adapters")
+    if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        raise AFMError(f"{path} is a {type(module).__name__}; LoRA adapts Linear/QuantizedLinear projections")
+    return LoRALinear(module)
+
+
+def _module_lora(adapter: AdapterWeights, module_path: str, dtype: mx.Dtype) -> LoRA:
+    names = sorted(n for n in adapter.tensors if module_of(n) == module_path)  # lora_a[.k]..., lora_b[.k]...
+    a = np.concatenate([adapter.tensors[n] for n in names if ".lora_a" in n], axis=1)
+    b = [mx.array(adapter.tensors[n]).astype(dtype) for n in names if ".lora_b" in n]
+    return LoRA(mx.array(a).astype(dtype), b, adapter.scale)
+
+
+def runtime_lora_shapes(args: Any, rank: int) -> dict[str, list[tuple[int, ...]]]:
+    """Shapes the wrappers allocate for a full adapter (module path -> [A, B per part]), without allocating."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for slot in lora_layout(args, rank):
+        entry = shapes.setdefault(slot.module, [(slot.shape[0], 0)])
+        if ".lora_a" in slot.name:
+            entry[0] = (slot.shape[0], entry[0][1] + rank)  # A's side by side
+        else:
+            entry.append(slot.shape)
+    return shapes
+
+
+# ---- switching ----
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Make adapter `name` the one applied (None: the plain base; its projections are put back, no LoRA compute)."""
+    registry = _registry(model)
+    if name is not None and name not in registry.adapters:
+        loaded = ", ".join(registry.adapters) or "none"
+        raise AFMError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+    loras = registry.adapters[name].loras if name is not None else {}
+    for path, wrapper in registry.wrappers.items():
+        current = _get(model, path)
+        if current is not wrapper and current is not wrapper.linear:
+            raise AFMError(f"{path} was replaced after adapters were loaded (quantized?); load adapters after "
+                           "quantizing, or reload them")
+        wrapper.lora = loras.get(path)
+        wanted = wrapper if wrapper.lora is not None else wrapper.linear
+        if current is not wanted:
+            _set(model, path, wanted)
+    registry.active = name
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    return _registry(model).active
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the resident adapters, in load order."""
+    return list(_registry(model).adapters)
+
+
+def adapter_info(model: nn.Module, name: str) -> dict[str, Any]:
+    """rank, scale, format, source, parameter count, modules and whether it is active."""
+    registry = _registry(model)
+    if name not in registry.adapters:
+        raise AFMError(f"no adapter named {name!r} is loaded")
+    a = registry.adapters[name]
+    return {"name": a.name, "rank": a.rank, "scale": a.scale, "format": a.format, "source": a.source,
+            "parameters": a.num_parameters, "modules": len(a.loras), "active": registry.active == name}
+
+
+@contextmanager
+def using_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Apply adapter `name` (None: none) inside the block, then restore whichever was active before."""
+    previous = active_adapter(model)
+    set_active_adapter(model, name)
+    try:
+        yield
+    finally:
+        set_active_adapter(model, previous)
+
+
+def unload_adapter(model: nn.Module, name: str) -> None:
+    registry = _registry(model)
+    if name not in registry.adapters:
+        raise AFMError(f"no adapter named {name!r} is loaded")
+    if registry.active == name:
+        set_active_adapter(model, None)
+    del registry.adapters[name]
+
+
+# ---- fusing and export ----
+
+
+def fuse_adapter(model: nn.Module, name: str | None = None) -> None:
+    """Merge adapter `name` (default: the active one) into a float base: W += scale * (A B)^T, then unload it.
+
+    Refused on a quantized base: W + scale * (A B)^T would be re-quantized to the base's grid, whose steps are far
+    larger than the adapter's update, so the adapter would be lost. Other resident adapters then apply on top of
+    the fused weights.
+    """
+    registry = _registry(model)
+    name = name if name is not None else registry.active
+    if name is None or name not in registry.adapters:
+        raise AFMError(f"no adapter {name!r} to fuse (loaded: {', '.join(registry.adapters) or 'none'})")
+    entry = registry.adapters[name]
+    quantized = [p for p in entry.loras if _is_quantized(registry.wrappers[p].linear)]
+    if quantized:
+        base = registry.wrappers[quantized[0]].linear
+        raise AFMError(f"cannot fuse adapter {name!r} into a quantized base ({base.bits}-bit, group "
+                       f"{base.group_size}): W + scale*(AB)^T would be re-quantized to that grid and the adapter "
+                       "erased; keep it as a runtime adapter (set_active_adapter) or fuse into an unquantized base")
+    for path, lora in entry.loras.items():
+        linear = registry.wrappers[path].linear
+        linear.weight = (linear.weight.astype(mx.float32) + _delta(lora)).astype(linear.weight.dtype)
+    mx.eval([registry.wrappers[p].linear.weight for p in entry.loras])
+    unload_adapter(model, name)
+
+
+def _delta(lora: LoRA) -> mx.array:
+    """scale * (A B)^T as [out, in] in float32, the parts' blocks stacked in output order."""
+    r = lora.rank
+    a = lora.a.astype(mx.float32)
+    blocks = [(a[:, k * r:(k + 1) * r] @ b.astype(mx.float32)).T for k, b in enumerate(lora.b)]
+    return lora.scale * mx.concatenate(blocks, axis=0)
+
+
+def adapter_weights(model: nn.Module, name: str) -> AdapterWeights:
+    """A resident adapter back as float32 `AdapterWeights` (its values in the model's dtype, widened)."""
+    registry = _registry(model)
+    if name not in registry.adapters:
+        raise AFMError(f"no adapter named {name!r} is loaded")
+    entry = registry.adapters[name]
+    tensors = {}
+    for path, lora in entry.loras.items():
+        r, fused = lora.rank, len(lora.b) > 1
+        a = np.array(lora.a.astype(mx.float32))
+        for k, b in enumerate(lora.b):
+            part = f".{k}" if fused else ""
+            tensors[f"{path}.lora_a{part}"] = np.ascontiguousarray(a[:, k * r:(k + 1) * r])
+            tensors[f"{path}.lora_b{part}"] = np.array(b.astype(mx.float32))
+    return AdapterWeights(tensors, entry.rank, entry.scale, entry.format, entry.source, dict(entry.metadata))
+
+
+def export_fmadapter(model_or_adapter: nn.Module | AdapterWeights, out_dir: str | os.PathLike, name: str, *,
+                     adapter: str | None = None, args: Any = None, **metadata: Any):
+    """Write `<out_dir>/<name>.fmadapter` from a resident adapter of a model (default: the active one) or from
+    `AdapterWeights` (then `args`, the base's ModelArgs, is needed). Metadata keywords: author, description,
+    license, base_signature, draft_token_count, creator_defined, overwrite. Returns the package path."""
+    if isinstance(model_or_adapter, AdapterWeights):
+        if args is None:
+            raise AFMError("export_fmadapter(AdapterWeights, ...) needs args= (the base's ModelArgs)")
+        weights = model_or_adapter
+    else:
+        chosen = adapter if adapter is not None else active_adapter(model_or_adapter)
+        if chosen is None:
+            raise AFMError("no adapter given and none is active: pass adapter=NAME")
+        weights, args = adapter_weights(model_or_adapter, chosen), model_or_adapter.args
+    return write_fmadapter(weights, out_dir, name, args, **metadata)
