@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -315,3 +316,39 @@ def export_fmadapter(model_or_adapter: nn.Module | AdapterWeights, out_dir: str 
             raise AFMError("no adapter given and none is active: pass adapter=NAME")
         weights, args = adapter_weights(model_or_adapter, chosen), model_or_adapter.args
     return write_fmadapter(weights, out_dir, name, args, **metadata)
+
+
+EXPORT_FORMATS = ("fmadapter", "mlx-lm", "pt")
+
+
+def export_adapter(source: str | os.PathLike, out_dir: str | os.PathLike, name: str, *,
+                   model: str | os.PathLike | None = None, to: str = "fmadapter",
+                   allow_signature_mismatch: bool = False, overwrite: bool = False, **metadata: Any):
+    """Convert an adapter file (toolkit .pt, .fmadapter, mlx-lm dir) to `to` under `out_dir`; returns the path.
+
+    model: a converted model directory whose config.json gives the base's shapes (default: the 3B base).
+    fmadapter -> OUT/NAME.fmadapter (metadata keywords as in `write_fmadapter`); mlx-lm -> OUT/NAME/; pt -> OUT/NAME.pt.
+    """
+    from .converters.adapter_formats import write_mlx_adapter, write_toolkit_adapter
+    from .model import ModelArgs
+    from .presets import BASE_3B
+
+    if to not in EXPORT_FORMATS:
+        raise AFMError(f"unknown adapter format {to!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    if model is not None:
+        from .loading import read_config
+
+        args = ModelArgs.from_dict(read_config(Path(model)))
+    else:
+        args = BASE_3B
+    adapter = read_adapter(source, args, allow_signature_mismatch=allow_signature_mismatch)
+    if to == "fmadapter":
+        return write_fmadapter(adapter, out_dir, name, args, overwrite=overwrite, **metadata)
+    target = Path(out_dir) / (f"{name}.pt" if to == "pt" else name)
+    if target.exists() and not overwrite:
+        raise AFMError(f"{target} exists (pass overwrite=True / --overwrite to replace it)")
+    if to == "pt":
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_toolkit_adapter(adapter, target)
+        return target
+    return write_mlx_adapter(adapter, target, args)

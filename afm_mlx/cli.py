@@ -34,6 +34,41 @@ def _fail(err: Exception) -> None:
 # ---- commands (one block each; keep them thin) ----
 
 
+@app.command("export-adapter")
+def export_adapter(
+    adapter: Path = typer.Argument(..., help="Adapter: toolkit checkpoint (adapter-final.pt), .fmadapter package "
+                                             "or mlx-lm adapter dir."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where NAME.fmadapter (or NAME/, NAME.pt) goes."),
+    name: str = typer.Option(..., "--name", "-n", help="Adapter name; the .fmadapter id is fmadapter-NAME-<sig[:7]>."),
+    model: Optional[Path] = typer.Option(None, help="Converted model dir whose config.json gives the base's shapes "
+                                                    "(default: the 3B base)."),
+    to: str = typer.Option("fmadapter", help="Output format: fmadapter (fp16, for Apple devices), mlx-lm or pt."),
+    author: str = typer.Option("3P developer", help="metadata.json author."),
+    description: str = typer.Option("", help="metadata.json description."),
+    license: str = typer.Option("", help="metadata.json license."),
+    base_signature: str = typer.Option("9799725ff8e851184037110b422d891ad3b92ec1",
+                                       help="baseModelSignature to write (toolkit 26.0.0's by default)."),
+    draft_token_count: int = typer.Option(5, help="speculativeDecodingDraftTokenCount to write."),
+    allow_signature_mismatch: bool = typer.Option(False, help="Read a .fmadapter made for another base anyway."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+):
+    """Convert an adapter between formats; by default write a .fmadapter package as Apple's toolkit exporter does.
+
+    The .fmadapter holds fp16 weights (transposed, Q/K rows in the device's RoPE order) and metadata.json; it is
+    written to a temporary sibling and renamed when complete.
+    """
+    from .adapters import export_adapter as run_export
+
+    meta = dict(author=author, description=description, license=license, base_signature=base_signature,
+                draft_token_count=draft_token_count) if to == "fmadapter" else {}
+    try:
+        path = run_export(adapter, output_dir, name, model=model, to=to, overwrite=overwrite,
+                          allow_signature_mismatch=allow_signature_mismatch, **meta)
+    except (AFMError, OSError) as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
 @app.command()
 def convert(
     paths: list[Path] = typer.Argument(..., metavar="[TOOLKIT_DIR] OUT_DIR", show_default=False,

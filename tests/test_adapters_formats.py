@@ -233,3 +233,26 @@ def test_blob_reader_reports_dtype(fm):
 def test_fixture_writer_matches_spec_size():
     tensors = fmadapter_tensors(toolkit_lora(ARGS, 5, RANK), ARGS)
     assert 64 + sum(64 + -(-t.nbytes // 64) * 64 for t in tensors) == fmadapter_blob_size(ARGS, RANK)
+
+
+# ---- CLI ----
+
+
+def test_cli_export_adapter(pt, tmp_path):
+    from typer.testing import CliRunner
+
+    from afm_mlx.cli import app
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(ARGS.to_dict()))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["export-adapter", str(pt), "-o", str(tmp_path), "-n", "cli", "--model", str(model_dir),
+                             "--author", "me"])
+    assert ok.exit_code == 0, ok.output
+    assert read_fmadapter(tmp_path / "cli.fmadapter", ARGS).metadata["author"] == "me"
+    again = runner.invoke(app, ["export-adapter", str(pt), "-o", str(tmp_path), "-n", "cli", "--model", str(model_dir)])
+    assert again.exit_code == 1 and "exists" in again.output and "Traceback" not in again.output
+    wrong = runner.invoke(app, ["export-adapter", str(pt), "-o", str(tmp_path), "-n", "big"])  # 3B shapes
+    assert wrong.exit_code == 1 and wrong.output.count("\n") == 1 and "another model size" in wrong.output
+    assert not (tmp_path / "big.fmadapter").exists()
