@@ -79,13 +79,18 @@ def body(stem: str, which: str) -> str:
     return (HERE / f"{stem}{SOURCE_SUFFIX[which]}").read_text()
 
 
-def kernel(stem: str, which: str, input_names: list[str], output_names: list[str], header: str = ""):
+def header(which: str) -> str:
+    """Helpers the bodies share: CUDA conversions and warp reductions; Metal needs none beyond MLX's own."""
+    return (HERE / "cuda_helpers.h").read_text() if which == "cuda" else ""
+
+
+def kernel(stem: str, which: str, input_names: list[str], output_names: list[str]):
     """The kernel object for kernels/<stem> on backend `which`, built once per process."""
     key = (stem, which)
     if key not in _built:
         _built[key] = FACTORIES[which](
             name=f"afm_{stem}", input_names=input_names, output_names=output_names,
-            source=body(stem, which), header=header,
+            source=body(stem, which), header=header(which),
         )  # fmt: skip
     return _built[key]
 

@@ -30,10 +30,11 @@ for (int j = lane; j < words; j += 32) {
   float sc[R];
   float bi[R];
   for (int r = 0; r < R; ++r) {
-    const int64_t row = metal::min(row0 + r, n - 1);  // rows past N compute a copy of row N-1, never stored
-    word[r] = w[row * words + j];
-    sc[r] = static_cast<float>(scales[row * groups + g]);
-    bi[r] = static_cast<float>(biases[row * groups + g]);
+    const int64_t row = row0 + r;
+    const bool live = row0 + r < n;  // uniform across the SIMD-group
+    word[r] = live ? w[row * words + j] : 0u;
+    sc[r] = live ? static_cast<float>(scales[row * groups + g]) : 0.0f;
+    bi[r] = live ? static_cast<float>(biases[row * groups + g]) : 0.0f;
   }
   float dot[R][M];
   float xsum[M];
@@ -64,8 +65,8 @@ for (int j = lane; j < words; j += 32) {
 }
 if (HAS_LORA) {
   // acc += (lora_scale * x @ A) @ B, the rank split across lanes; summed with the main term below.
-  for (int r = 0; r < R; ++r) {
-    const int row = metal::min(row0 + r, n - 1);
+  for (int r = 0; r < R && row0 + r < n; ++r) {
+    const int row = row0 + r;
     for (int j = lane; j < rank; j += 32) {
       const float b = static_cast<float>(lora_b[j * n + row]);
       for (int m = 0; m < M; ++m) {

@@ -3,6 +3,6 @@
 See harness.py for what a call does, msl_shim.h for the MSL subset, runtime.h for the fiber scheduler.
 """
 
-from .harness import EmulatedMetalKernel, EmulatorError, metal_kernel
+from .harness import EmulatedKernel, EmulatorError, cuda_kernel, metal_kernel
 
-__all__ = ["EmulatedMetalKernel", "EmulatorError", "metal_kernel"]
+__all__ = ["EmulatedKernel", "EmulatorError", "cuda_kernel", "metal_kernel"]

@@ -19,12 +19,25 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .signature import ArgInfo, attributes, kernel_name, shape_infos, write_signature, write_template
+from .signature import (
+    CUDA_DEFAULT_HEADER,
+    CUDA_TYPES,
+    TYPE_STRINGS,
+    ArgInfo,
+    attributes,
+    cuda_kernel_name,
+    kernel_name,
+    shape_infos,
+    write_cuda_source,
+    write_signature,
+    write_template,
+)
 
 HERE = Path(__file__).resolve().parent
 GUARD = 64  # bytes of 0xFF on each side of every buffer
@@ -38,9 +51,12 @@ STORAGE = {
     "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
 }  # fmt: skip
 
-_THREADGROUP_DECL = re.compile(
-    r"\bthreadgroup\s+((?:const\s+)?[A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s+([A-Za-z_]\w*)\s*((?:\[[^\];]+\])*)\s*;"
-)
+# `  const device float* q [[buffer(0)]]` / `  device float* out [[buffer(3)]]` in the generated signature
+_POINTER_PARAM = re.compile(r"^  (const )?(?:device|constant) ([\w:]+)\* (\w+) \[\[buffer", re.M)
+# `threadgroup T name[A][B];` (MSL) / `__shared__ T name[A];` (CUDA), at the top level of the body
+_SHARED_DECL = r"\b{kw}\s+((?:const\s+)?[A-Za-z_][\w:]*(?:<[^;{{}}]*?>)?)\s+([A-Za-z_]\w*)\s*((?:\[[^\];]+\])*)\s*;"
+# `    const float* x,` / `    float* y) {` in the CUDA signature
+_CUDA_POINTER_PARAM = re.compile(r"^    (const )?([\w:]+)\* (\w+)(,|\) \{)$", re.M)
 
 
 class EmulatorError(RuntimeError):
@@ -71,23 +87,35 @@ def to_buffer(value) -> tuple[np.ndarray, str]:
     return arr, arr.dtype.name
 
 
-def rewrite_threadgroup_arrays(text: str) -> str:
-    """`threadgroup T x[A][B];` -> `auto& x = ::emu::shared_array<T[A][B]>();` (one arena per threadgroup)."""
-    return _THREADGROUP_DECL.sub(lambda m: f"auto& {m[2]} = ::emu::shared_array<{m[1]}{m[3]}>();", text)
+def rewrite_shared_arrays(text: str, keyword: str) -> str:
+    """`threadgroup T x[A][B];` -> `auto& x = ::emu::shared_array<T[A][B]>();` (one poisoned arena per group)."""
+    pattern = re.compile(_SHARED_DECL.format(kw=re.escape(keyword)))
+    return pattern.sub(lambda m: f"auto& {m[2]} = ::emu::shared_array<{m[1]}{m[3]}>();", text)
 
 
-def launcher(func: str, template: list, n_buffers: int, call_args: list[str]) -> str:
-    target = func + (write_template(template) if template else "")
+def checked_pointers(text: str) -> str:
+    """`const device T* x [[buffer(i)]]` -> `::emu::checked_ptr<const T> x [[buffer(i)]]` (bounds, read counts)."""
+    return _POINTER_PARAM.sub(lambda m: f"  ::emu::checked_ptr<{m[1] or ''}{m[2]}> {m[3]} [[buffer", text)
+
+
+def cuda_pointers(text: str) -> str:
+    """`    const float* x,` -> `    ::emu::checked_ptr<const float> x,` in the CUDA signature."""
+    return _CUDA_POINTER_PARAM.sub(lambda m: f"    ::emu::checked_ptr<{m[1] or ''}{m[2]}> {m[3]}{m[4]}", text)
+
+
+def launcher(target: str, n_buffers: int, call_args: list[str]) -> str:
+    """The extern "C" entry point: stores the buffer pointers, then runs `target(args...)` on every thread."""
     return f"""
 static void* emu_buffers[{max(n_buffers, 1)}];
+static void* emu_counters[{max(n_buffers, 1)}];
 static void emu_body() {{
   {target}(
       {", ".join(call_args)});
 }}
-extern "C" __attribute__((visibility("default"))) int emu_launch(void** bufs, const long* dims, int reverse,
-                                                                 char* err, int err_len) {{
-  for (int i = 0; i < {n_buffers}; ++i) emu_buffers[i] = bufs[i];
-  return ::emu::launch(emu_body, dims, reverse, err, err_len);
+extern "C" __attribute__((visibility("default"))) int emu_launch(void** bufs, void** counters, const long* dims,
+                                                                 int flags, char* err, int err_len) {{
+  for (int i = 0; i < {n_buffers}; ++i) emu_buffers[i] = bufs[i], emu_counters[i] = counters[i];
+  return ::emu::launch(emu_body, dims, flags, err, err_len);
 }}
 """
 
@@ -121,8 +149,8 @@ def compile_shared(cpp: str, shim: str = "msl_shim.h") -> ctypes.CDLL:
             os.replace(out, so)
     lib = ctypes.CDLL(str(so))
     lib.emu_launch.restype = ctypes.c_int
-    lib.emu_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_long), ctypes.c_int,
-                               ctypes.c_char_p, ctypes.c_int]  # fmt: skip
+    lib.emu_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
+                               ctypes.POINTER(ctypes.c_long), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]  # fmt: skip
     _LOADED[key] = lib
     return lib
 
@@ -150,102 +178,176 @@ class GuardedBuffer:
         return bool((before == 0xFF).all() and (after == 0xFF).all())
 
 
-def int_buffer(values, dtype) -> GuardedBuffer:
-    return GuardedBuffer(np.asarray(values, dtype).nbytes, np.asarray(values, dtype).tobytes())
+def ctype_of(dtype: str, dialect: str = "metal") -> str:
+    return CUDA_TYPES[dtype] if dialect == "cuda" else TYPE_STRINGS[dtype]
 
 
-class EmulatedMetalKernel:
-    """Callable like the object `mx.fast.metal_kernel` returns; runs on the CPU through the emulator."""
+@dataclass
+class Arg:
+    """One kernel argument as the launcher passes it: a pointer (checked) or a value read from a buffer."""
 
-    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
-                 atomic_outputs=False, compile_options=None):  # fmt: skip
+    label: str
+    buffer: GuardedBuffer
+    ctype: str
+    pointer: bool
+    elements: int = 1
+    const: bool = True
+    reads: np.ndarray | None = None  # per-element read counts (const pointers)
+
+    def expression(self, i: int) -> str:
+        if not self.pointer:
+            return f"*(const {self.ctype}*)emu_buffers[{i}]"
+        qual = "const " if self.const else ""
+        count = f"(uint32_t*)emu_counters[{i}]" if self.reads is not None else "nullptr"
+        return (f"::emu::checked_ptr<{qual}{self.ctype}>{{({qual}{self.ctype}*)emu_buffers[{i}], {self.elements}, "
+                f'{count}, "{self.label}"}}')  # fmt: skip
+
+
+def input_args(name: str, arr: np.ndarray, dt: str, uses: tuple[bool, bool, bool], dialect: str) -> list[Arg]:
+    """The data argument of one input, then its _shape/_strides/_ndim arguments where the body uses them.
+
+    Metal passes a 0-d input by value (`const constant T&`), CUDA as a pointer."""
+    buf = GuardedBuffer(arr.nbytes, arr.tobytes())
+    ctype = ctype_of(dt, dialect)
+    if arr.ndim == 0 and dialect == "metal":
+        return [Arg(name, buf, ctype, pointer=False)]
+    args = [Arg(name, buf, ctype, pointer=True, elements=arr.size, reads=np.zeros(arr.size, np.uint32))]
+    if arr.ndim == 0:
+        return args
+    if dialect == "cuda" and any(uses):
+        raise NotImplementedError("the CUDA emulation has no _shape/_strides/_ndim arguments")
+    use_shape, use_strides, use_ndim = uses
+    extras = [(use_shape, "_shape", np.int32, arr.shape), (use_strides, "_strides", np.int64,
+              [s // arr.itemsize for s in arr.strides])]  # fmt: skip
+    for used, suffix, dtype, values in extras:
+        if used:
+            data = np.asarray(values, dtype)
+            args.append(Arg(name + suffix, GuardedBuffer(data.nbytes, data.tobytes()), ctype_of(data.dtype.name),
+                            pointer=True, elements=data.size, reads=np.zeros(data.size, np.uint32)))  # fmt: skip
+    if use_ndim:
+        data = np.asarray(arr.ndim, np.int32)
+        args.append(Arg(name + "_ndim", GuardedBuffer(data.nbytes, data.tobytes()), "int", pointer=False))
+    return args
+
+
+def output_arg(name: str, shape, dt: str, init_value, dialect: str) -> Arg:
+    """An output buffer: 0xFF (NaN) bytes, like uninitialised GPU memory, unless init_value is given."""
+    count = int(np.prod(shape, dtype=np.int64))
+    fill = None
+    if init_value is not None:
+        values = np.full(count, init_value, np.float32)
+        if dt == "bfloat16":
+            values = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact for 0, +-1, +-inf
+        fill = values.astype(STORAGE[dt]).tobytes()
+    buf = GuardedBuffer(count * np.dtype(STORAGE[dt]).itemsize, fill)
+    return Arg(name, buf, ctype_of(dt, dialect), pointer=True, elements=count, const=False)
+
+
+def normalise_template(template) -> list[tuple[str, object]]:
+    return [(n, dtype_name(v) if isinstance(v, (mx.Dtype, np.dtype, type)) else v) for n, v in (template or [])]
+
+
+class EmulatedKernel:
+    """Callable like the object `mx.fast.metal_kernel` (dialect "metal") or `mx.fast.cuda_kernel` ("cuda")
+    returns; runs on the CPU.
+
+    After a call: `last_source` is the text MLX would compile, `last_reads[name]` the per-element read counts
+    of each input array. Set `reverse = True` to run each group's threads in reverse order between sync points.
+    """
+
+    def __init__(self, dialect, name, input_names, output_names, source, header="", ensure_row_contiguous=True):
         if not output_names:
-            raise ValueError("[metal_kernel] Must specify at least one output.")
-        if atomic_outputs:
-            raise NotImplementedError("the emulator has no atomic<T> outputs")
+            raise ValueError("[custom_kernel] Must specify at least one output.")
+        self.dialect = dialect
         self.name, self.source, self.header = name, source, header
         self.input_names, self.output_names = list(input_names), list(output_names)
-        self.reverse = False  # run fibers in reverse order between sync points (flushes out missing barriers)
+        self.reverse = False
         self.last_source = ""
+        self.last_reads: dict[str, np.ndarray] = {}
 
     def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None,
                  verbose=False, stream=None) -> list[mx.array]:  # fmt: skip
         outs = self.run_numpy(inputs, output_shapes, output_dtypes, grid, threadgroup, template, init_value)
         result = []
         for arr, dt in zip(outs, output_dtypes):
-            name = dtype_name(dt)
-            result.append(mx.array(arr).view(mx.bfloat16) if name == "bfloat16" else mx.array(arr))
+            result.append(mx.array(arr).view(mx.bfloat16) if dtype_name(dt) == "bfloat16" else mx.array(arr))
         return result
 
-    def source_for(self, infos: list[ArgInfo], out_names: list[str], template: list) -> tuple[str, str]:
-        func = kernel_name(self.name, template, infos, out_names)
-        text = write_signature(func, self.header, self.source, self.input_names, infos, self.output_names,
-                               out_names, template)  # fmt: skip
-        return func, text
+    def function_name(self, inputs, output_dtypes, template) -> str:
+        template = normalise_template(template)
+        if self.dialect == "cuda":
+            return cuda_kernel_name(self.name, template)
+        infos = [ArgInfo(dt, a.ndim, a.size) for a, dt in map(to_buffer, inputs)]
+        return kernel_name(self.name, template, infos, [dtype_name(d) for d in output_dtypes])
+
+    def generated_source(self, inputs, output_dtypes, template=None) -> str:
+        """The full kernel text MLX generates for these inputs (what a Mac's Metal compiler or NVRTC gets)."""
+        template = normalise_template(template)
+        infos = [ArgInfo(dt, a.ndim, a.size) for a, dt in map(to_buffer, inputs)]
+        out_names = [dtype_name(d) for d in output_dtypes]
+        func = self.function_name(inputs, output_dtypes, template)
+        write = write_cuda_source if self.dialect == "cuda" else write_signature
+        return write(func, self.header, self.source, self.input_names, infos, self.output_names, out_names, template)
+
+    def cpu_source(self, text: str) -> str:
+        """The generated text made compilable by g++: shim include, shared-memory views, checked pointers."""
+        if self.dialect == "cuda":
+            return '#include "cuda_shim.h"\n' + cuda_pointers(rewrite_shared_arrays(text.replace(CUDA_DEFAULT_HEADER, "\n"), "__shared__"))
+        return '#include "msl_shim.h"\n' + checked_pointers(rewrite_shared_arrays(text, "threadgroup"))
 
     def run_numpy(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None):
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)}")
-        template = [(n, dtype_name(v) if isinstance(v, (mx.Dtype, np.dtype, type)) else v) for n, v in (template or [])]
+            raise ValueError(f"[custom_kernel] Expected `inputs` to have size {len(self.input_names)}")
+        template = normalise_template(template)
         arrays = [to_buffer(v) for v in inputs]
-        infos = [ArgInfo(dt, a.ndim, a.size) for a, dt in arrays]
         out_names = [dtype_name(d) for d in output_dtypes]
-        func, text = self.source_for(infos, out_names, template)
+        text = self.generated_source(inputs, output_dtypes, template)
         self.last_source = text
 
-        buffers, labels, call_args = [], [], []
-        uses = shape_infos(self.source, self.input_names)
-        for (arr, dt), info, name, (use_shape, use_strides, use_ndim) in zip(arrays, infos, self.input_names, uses):
-            ctype = write_template([("", dt)])[1:-1]
-            buffers.append(GuardedBuffer(arr.nbytes, arr.tobytes()))
-            labels.append(name)
-            i = len(buffers) - 1
-            call_args.append(f"*(const {ctype}*)emu_buffers[{i}]" if arr.ndim == 0 else f"(const {ctype}*)emu_buffers[{i}]")
-            if arr.ndim > 0:
-                if use_shape:
-                    buffers.append(int_buffer(arr.shape, np.int32))
-                    labels.append(name + "_shape")
-                    call_args.append(f"(const int*)emu_buffers[{len(buffers) - 1}]")
-                if use_strides:
-                    strides = [s // arr.itemsize for s in arr.strides]
-                    buffers.append(int_buffer(strides, np.int64))
-                    labels.append(name + "_strides")
-                    call_args.append(f"(const int64_t*)emu_buffers[{len(buffers) - 1}]")
-                if use_ndim:
-                    buffers.append(int_buffer(arr.ndim, np.int32))
-                    labels.append(name + "_ndim")
-                    call_args.append(f"*(const int*)emu_buffers[{len(buffers) - 1}]")
-        outputs = []
-        for shape, dt, name in zip(output_shapes, out_names, self.output_names):
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[dt]).itemsize
-            fill = None
-            if init_value is not None:
-                fill = np.full(tuple(shape), init_value, np.float32).astype(np.float32 if dt == "bfloat16" else STORAGE[dt])
-                if dt == "bfloat16":
-                    fill = (fill.view(np.uint32) >> 16).astype(np.uint16)  # exact for typical init values (0, -inf)
-                fill = fill.tobytes()
-            buffers.append(GuardedBuffer(nbytes, fill))
-            labels.append(name)
-            outputs.append((buffers[-1], shape, dt))
-            ctype = write_template([("", dt)])[1:-1]
-            call_args.append(f"({ctype}*)emu_buffers[{len(buffers) - 1}]")
-        call_args += [f"::emu::attr::{a}()" for a, _ in attributes(self.source)]
+        args: list[Arg] = []
+        for (arr, dt), name, uses in zip(arrays, self.input_names, shape_infos(self.source, self.input_names)):
+            args += input_args(name, arr, dt, uses, self.dialect)
+        outputs = [output_arg(n, s, dt, init_value, self.dialect)
+                   for n, s, dt in zip(self.output_names, output_shapes, out_names)]  # fmt: skip
+        args += outputs
+        call = [a.expression(i) for i, a in enumerate(args)]
+        func = self.function_name(inputs, output_dtypes, template)
+        if self.dialect == "cuda":
+            target = "mlx::core::cu::" + func
+        else:
+            call += [f"::emu::attr::{a}()" for a, _ in attributes(self.source)]
+            target = func + (write_template(template) if template else "")
+        shim = "cuda_shim.h" if self.dialect == "cuda" else "msl_shim.h"
+        lib = compile_shared(self.cpu_source(text) + launcher(target, len(args), call), shim)
+        self._launch(lib, args, grid, threadgroup)
+        self.last_reads = {a.label: a.reads for a in args if a.reads is not None}
+        return [a.buffer.data().view(STORAGE[dt]).reshape(s).copy() for a, s, dt in zip(outputs, output_shapes, out_names)]
 
-        cpp = '#include "msl_shim.h"\n' + rewrite_threadgroup_arrays(text) + launcher(func, template, len(buffers), call_args)
-        lib = compile_shared(cpp)
-        ptrs = (ctypes.c_void_p * max(len(buffers), 1))(*[b.pointer for b in buffers])
+    def _launch(self, lib, args: list[Arg], grid, threadgroup) -> None:
+        n = max(len(args), 1)
+        ptrs = (ctypes.c_void_p * n)(*[a.buffer.pointer for a in args])
+        counters = (ctypes.c_void_p * n)(*[a.reads.ctypes.data if a.reads is not None else None for a in args])
         dims = (ctypes.c_long * 6)(*grid, *threadgroup)
+        flags = (1 if self.reverse else 0) | (2 if self.dialect == "cuda" else 0)  # emu::REVERSE, FULL_GROUPS
         err = ctypes.create_string_buffer(1024)
-        if lib.emu_launch(ptrs, dims, int(self.reverse), err, len(err)) != 0:
+        if lib.emu_launch(ptrs, counters, dims, flags, err, len(err)) != 0:
             raise EmulatorError(f"{self.name}: {err.value.decode()}")
-        for b, name in zip(buffers, labels):
-            if not b.guards_intact():
-                raise EmulatorError(f"{self.name}: out-of-bounds write next to buffer of '{name}'")
-        return [buf.data().view(STORAGE[dt]).reshape(shape).copy() for buf, shape, dt in outputs]
+        for a in args:
+            if not a.buffer.guards_intact():
+                raise EmulatorError(f"{self.name}: out-of-bounds write next to buffer of '{a.label}'")
 
 
 def metal_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True, atomic_outputs=False,
-                 compile_options=None) -> EmulatedMetalKernel:  # fmt: skip
+                 compile_options=None) -> EmulatedKernel:  # fmt: skip
     """Drop-in for `mx.fast.metal_kernel` that runs on the CPU."""
-    return EmulatedMetalKernel(name, input_names, output_names, source, header, ensure_row_contiguous,
-                               atomic_outputs, compile_options)  # fmt: skip
+    if atomic_outputs:
+        raise NotImplementedError("the emulator has no atomic<T> outputs")
+    return EmulatedKernel("metal", name, input_names, output_names, source, header, ensure_row_contiguous)
+
+
+def cuda_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                shared_memory=0) -> EmulatedKernel:  # fmt: skip
+    """Drop-in for `mx.fast.cuda_kernel` that runs on the CPU (static __shared__ arrays only)."""
+    if shared_memory:
+        raise NotImplementedError("the emulator has no dynamic shared memory")
+    return EmulatedKernel("cuda", name, input_names, output_names, source, header, ensure_row_contiguous)

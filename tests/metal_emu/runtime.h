@@ -139,6 +139,31 @@ A& shared_array() {
   return *reinterpret_cast<A*>(shared_alloc(sizeof(A), alignof(A) < 16 ? 16 : alignof(A)));
 }
 
+// A device buffer argument: bounds-checked, and (for inputs) counting reads per element, so tests can prove
+// e.g. that every weight word is read exactly once. The harness substitutes it for `device T*` parameters.
+template <typename T>
+struct checked_ptr {
+  T* base;
+  long size;          // elements from base to the end of the buffer
+  uint32_t* reads;    // per-element read counters (inputs) or nullptr (outputs)
+  const char* name;
+  long offset = 0;    // of base within the buffer, for messages and counters
+
+  T& operator[](long i) const {
+    if (i < 0 || i >= size) {
+      char msg[200];
+      std::snprintf(msg, sizeof msg, "out-of-bounds access to '%s' at element %ld (buffer has %ld)", name,
+                    i + offset, size + offset);
+      fail(msg);
+    }
+    if (reads) reads[offset + i]++;
+    return base[i];
+  }
+  T& operator*() const { return (*this)[0]; }
+  checked_ptr operator+(long k) const { return {base + k, size - k, reads, name, offset + k}; }
+  checked_ptr operator-(long k) const { return *this + (-k); }
+};
+
 // ---- the scheduler ----
 
 // Release SIMD-groups whose live lanes all wait at a collective, or the whole group at a barrier.
@@ -206,12 +231,17 @@ inline void run_group(Launch& L) {
 
 inline unsigned div_up(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
-// Runs the whole grid, threadgroup by threadgroup. Returns 0, or 1 with the message in `err`.
-inline int launch(void (*body)(), const long* dims, int reverse, char* err, int err_len) {
+enum Flags { REVERSE = 1, FULL_GROUPS = 2 };
+
+// Runs the whole grid, threadgroup by threadgroup. dims = grid (threads) then group size. Metal's
+// dispatchThreads trims the groups at the grid's edge; with FULL_GROUPS (CUDA: ceil(grid / block) whole blocks)
+// they keep every thread. Returns 0, or 1 with the message in `err`.
+inline int launch(void (*body)(), const long* dims, int flags, char* err, int err_len) {
   Launch L;
   g_launch = &L;
   L.body = body;
-  L.reverse = reverse != 0;
+  L.reverse = (flags & REVERSE) != 0;
+  const bool full_groups = (flags & FULL_GROUPS) != 0;
   L.grid = {(unsigned)dims[0], (unsigned)dims[1], (unsigned)dims[2]};
   // MLX clamps the threadgroup to the grid (custom_kernel.cpp: std::min(tx, gx)).
   L.group = {(unsigned)std::min(dims[3], dims[0]), (unsigned)std::min(dims[4], dims[1]),
@@ -232,9 +262,11 @@ inline int launch(void (*body)(), const long* dims, int reverse, char* err, int 
         for (unsigned gx = 0; gx < L.n_groups.x; ++gx) {
           L.group_pos = {gx, gy, gz};
           // dispatchThreads: edge groups hold only the threads inside the grid
-          L.group_actual = {std::min(L.group.x, L.grid.x - gx * L.group.x),
-                            std::min(L.group.y, L.grid.y - gy * L.group.y),
-                            std::min(L.group.z, L.grid.z - gz * L.group.z)};
+          L.group_actual = L.group;
+          if (!full_groups)
+            L.group_actual = {std::min(L.group.x, L.grid.x - gx * L.group.x),
+                              std::min(L.group.y, L.grid.y - gy * L.group.y),
+                              std::min(L.group.z, L.grid.z - gz * L.group.z)};
           unsigned n = L.group_actual.x * L.group_actual.y * L.group_actual.z;
           L.fibers.assign(n, Fiber{});
           for (unsigned i = 0; i < n; ++i) {

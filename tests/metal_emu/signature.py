@@ -176,3 +176,68 @@ def write_signature(
         template_def = func_name + write_template(template)
         text += f'\ntemplate [[host_name("{func_name}")]] [[kernel]] decltype({template_def}) {template_def};\n'
     return text
+
+
+# ---- CUDA: ml-explore/mlx mlx/backend/cuda/custom_kernel.cpp (`build_kernel`, `template_arguments_hash`) ----
+
+CUDA_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+
+# mx dtype name -> CUDA type (dtype_to_cuda_type in mlx/backend/cuda/utils.cpp)
+CUDA_TYPES = {
+    "bool": "bool", "int8": "int8_t", "int16": "int16_t", "int32": "int32_t", "int64": "int64_t",
+    "uint8": "uint8_t", "uint16": "uint16_t", "uint32": "uint32_t", "uint64": "uint64_t",
+    "float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double",
+}  # fmt: skip
+
+
+def cuda_kernel_name(name: str, template: list[tuple[str, object]]) -> str:
+    out = "custom_kernel_" + name
+    for _, arg in template:
+        if isinstance(arg, bool):
+            out += "_t" if arg else "_f"
+        elif isinstance(arg, int):
+            out += f"_{arg}"
+        else:
+            out += "_" + TYPE_STRINGS[arg]
+    return out
+
+
+def write_cuda_source(
+    func_name: str,
+    header: str,
+    source: str,
+    input_names: list[str],
+    inputs: list[ArgInfo],
+    output_names: list[str],
+    output_dtypes: list[str],
+    template: list[tuple[str, object]],
+) -> str:
+    """The translation unit `mx.fast.cuda_kernel` hands to NVRTC: every input (scalars too) is a pointer, and
+    template arguments become `constexpr` / `using` lines at the top of the body."""
+    text = CUDA_DEFAULT_HEADER + header
+    text += "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    text += "__global__ void " + func_name + "(\n"
+    for name, arr, (use_shape, use_strides, use_ndim) in zip(input_names, inputs, shape_infos(source, input_names)):
+        text += f"    const {CUDA_TYPES[arr.dtype]}* {name},\n"
+        if arr.ndim > 0:
+            if use_shape:
+                text += f"    const __grid_constant__ Shape {name}_shape,\n"
+            if use_strides:
+                text += f"    const __grid_constant__ Strides {name}_strides,\n"
+            if use_ndim:
+                text += f"    const __grid_constant__ int {name}_ndim,\n"
+    for i, (name, dt) in enumerate(zip(output_names, output_dtypes)):
+        text += f"    {CUDA_TYPES[dt]}* {name}"
+        text += ",\n" if i < len(output_names) - 1 else ") {\n"
+    if template:
+        for name, arg in template:
+            if isinstance(arg, bool):
+                text += f"  constexpr bool {name} = {'true' if arg else 'false'};\n"
+            elif isinstance(arg, int):
+                text += f"  constexpr int {name} = {arg};\n"
+            else:
+                text += f"  using {name} = {CUDA_TYPES[arg]};\n"
+        text += "\n"
+    text += source
+    text += "\n}\n\n} // namespace mlx::core::cu\n"
+    return text
