@@ -42,6 +42,9 @@ import numpy as np
 
 from afm_mlx.errors import AFMError
 
+__all__ = ["BF16", "Checkpoint", "LazyTensor", "bf16_bits_to_float32", "float32_to_bf16_bits", "open_checkpoint",
+           "save_checkpoint"]
+
 # ---------------------------------------------------------------------------------------------------------------
 # dtypes
 
@@ -216,7 +219,13 @@ def _unpickle(data: bytes, source_name: str) -> Any:
     except AFMError:
         raise
     except Exception as err:  # any malformed pickle: a one-line error, never a traceback
-        raise AFMError(f"{source_name}: malformed data.pkl ({type(err).__name__}: {err})"[:300]) from None
+        raise AFMError(f"{source_name}: malformed data.pkl ({_one_line(err)})") from None
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    # messages quoting bytes from a hostile file can hold newlines: keep the error on one line, bounded
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,8 +351,8 @@ class Checkpoint(Mapping):
         except KeyError:
             raise AFMError(f"{self._name}: missing {self.archive_name}/{relative}; not a complete "
                            "PyTorch checkpoint") from None
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:
-            raise AFMError(f"{self._name}: cannot read {relative} ({err}); file damaged?") from None
+        except Exception as err:  # zipfile raises many types on damaged archives (CRC, struct, zlib, ...)
+            raise AFMError(f"{self._name}: cannot read {relative} ({_one_line(err)}); file damaged?") from None
 
     def _has_record(self, relative: str) -> bool:
         return f"{self.archive_name}/{relative}" in self._zip.NameToInfo
@@ -484,10 +493,10 @@ def _open_file(path: Path) -> io.FileIO:
 def _open_zip(file: io.FileIO, name: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(file)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+    except Exception as err:  # BadZipFile, but also NotImplementedError, struct.error... on damaged files
         hint = "legacy (torch < 1.6) format? re-save it with a newer torch" if _looks_like_pickle(file) \
             else "truncated or not a checkpoint?"
-        raise AFMError(f"{name}: not a PyTorch zip checkpoint ({err}; {hint})") from None
+        raise AFMError(f"{name}: not a PyTorch zip checkpoint ({_one_line(err)}; {hint})") from None
 
 
 def _looks_like_pickle(file: io.FileIO) -> bool:
@@ -582,7 +591,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: Iterable[tuple[str, Tensor
     tie = dict(tie or {})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as file:
+        with _create(tmp, path) as file:
             _write_archive(file, path.stem or "archive", tensors, tie)
             file.flush()
             os.fsync(file.fileno())
@@ -590,6 +599,13 @@ def save_checkpoint(path: str | os.PathLike, tensors: Iterable[tuple[str, Tensor
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _create(tmp: Path, final: Path):
+    try:
+        return open(tmp, "wb")
+    except OSError as err:  # missing folder, no permission: a user mistake, not a bug
+        raise AFMError(f"cannot write {final}: {err.strerror}") from None
 
 
 def _write_archive(file, archive: str, tensors: Iterable[tuple[str, TensorSource]], tie: dict[str, str]) -> None:

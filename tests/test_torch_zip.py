@@ -438,6 +438,31 @@ def test_broken_inputs_give_one_line_errors(tmp_path, case, expected):
     assert expected in _one_line_error(path)
 
 
+def test_random_damage_gives_afm_error_or_a_valid_checkpoint(tmp_path):
+    # byte flips and truncations anywhere (zip headers, pickle, data): never a traceback of another type
+    save_checkpoint(tmp_path / "f.pt", [("a", np.ones((3, 4), np.float32)), ("b", BF16(np.arange(5.0)))],
+                    tie={"c": "a"})
+    good = (tmp_path / "f.pt").read_bytes()
+    rng = np.random.default_rng(7)
+    outcomes = collections.Counter()
+    for _ in range(150):
+        damaged = bytearray(good)
+        for pos in rng.integers(0, len(good), rng.integers(1, 4)):
+            damaged[pos] = rng.integers(0, 256)
+        if rng.random() < 0.3:
+            damaged = damaged[: rng.integers(0, len(damaged))]
+        (tmp_path / "d.pt").write_bytes(bytes(damaged))
+        try:
+            with open_checkpoint(tmp_path / "d.pt") as ckpt:
+                for name in ckpt:
+                    ckpt[name].numpy(copy=True)
+            outcomes["read"] += 1
+        except AFMError as err:
+            assert "\n" not in str(err)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0  # the damage does get noticed (CRC, headers, bounds)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # memory: one tensor is read without touching the others
 
