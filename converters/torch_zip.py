@@ -95,7 +95,9 @@ _LOCAL_HEADER_MAGIC = 0x04034B50
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: shifting the 16 bits up by 16 gives the exact float32 value."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= 16  # in place: one float32-sized buffer in total
+    return wide.view(np.float32)
 
 
 def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
