@@ -549,7 +549,8 @@ def _flatten(node: dict, prefix: str, tensors: dict, extras: dict, name: str, de
 # writing
 
 class BF16:
-    """Marks values to be stored as bfloat16: `BF16(float_array)` rounds like torch; `BF16.from_bits(uint16)`."""
+    """Marks values to be stored as bfloat16: `BF16(float_array)` rounds like torch (round to nearest even; NaN
+    becomes 0x7FC0), `BF16.from_bits(uint16_array)` stores given bits unchanged."""
 
     __slots__ = ("values", "bits")
 
