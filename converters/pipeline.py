@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import mlx.core as mx
 import numpy as np
 
 from afm_mlx.errors import AFMError
@@ -169,6 +170,7 @@ def convert_model(
             size = _nbytes(checkpoint[source.key])
             result.source_bytes += size
             del array, packed
+            mx.clear_cache()  # MLX keeps freed buffers for reuse; one tensor's worth is all we need
             if on_tensor is not None:
                 on_tensor(name, size, total)
         writer.close()

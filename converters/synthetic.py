@@ -43,17 +43,29 @@ def grid_tensor(rng: np.random.Generator, shape: tuple[int, int], bits: int, gro
     """A [out, in] float32 tensor on an affine grid: per group w = s*q + b, q in 0..2^bits-1, both ends used.
 
     s and b are float16 values (so any packer can store them losslessly in float16); `step` is the typical s.
+    Drawn in row blocks, so a full-size embedding needs little more memory than its own float32 array.
     """
     rows, cols = shape
-    n_groups = cols // group
+    out = np.empty(shape, dtype=np.float32)
+    block = max(1, (1 << 22) // cols)
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        out[start : start + n] = _grid_rows(rng, n, cols, bits, group, step)
+    return out
+
+
+def _grid_rows(rng: np.random.Generator, rows: int, cols: int, bits: int, group: int, step: float) -> np.ndarray:
     top = 2**bits - 1
+    n_groups = cols // group
     s = np.abs(rng.normal(step, step * 0.2, (rows, n_groups, 1))).astype(np.float16).astype(np.float32)
     s = np.maximum(s, np.float32(step / 8))
     b = (-(top / 2) * s + rng.normal(0, step * 0.1, s.shape)).astype(np.float16).astype(np.float32)
-    q = rng.integers(0, top + 1, (rows, n_groups, group))
-    ends = rng.permuted(np.tile(np.arange(group), (rows, n_groups, 1)), axis=-1)[..., :2]
-    np.put_along_axis(q, ends, np.array([0, top]).reshape(1, 1, 2), axis=-1)  # both grid ends occur
-    return (s * q.astype(np.float32) + b).astype(np.float32).reshape(rows, cols)
+    q = rng.integers(0, top + 1, (rows, n_groups, group), dtype=np.uint8)
+    low = rng.integers(0, group, (rows, n_groups, 1))  # two distinct positions per group get the two ends
+    high = (low + rng.integers(1, group, (rows, n_groups, 1))) % group
+    np.put_along_axis(q, low, 0, axis=-1)
+    np.put_along_axis(q, high, top, axis=-1)
+    return (s * q + b).astype(np.float32).reshape(rows, cols)
 
 
 class LazyArray:
