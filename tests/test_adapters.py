@@ -221,3 +221,31 @@ def test_runtime_lora_on_2bit_base_keeps_the_adapter(base_sd, pt_a):
     fused_error = np.abs(logits(model) - expected).max()
     effect = np.abs(expected - base_only).max()
     assert fused_error > 1000 * runtime_error and fused_error > 0.3 * effect, (fused_error, effect)
+
+
+# ---- through the converter ----
+
+
+def test_converted_base_adapter_and_draft_final_checkpoint(tmp_path):
+    """`afm-mlx convert` of a base with a trained base_adapter and a toolkit draft-model-final.pt (every key,
+    `model.` prefix, kv-quantizer buffers): the draft converts, and the base_adapter/ it writes loads as an adapter."""
+    import afm_mlx
+    from afm_mlx.converters import convert
+    from afm_mlx.converters.synthetic import synthetic_dict
+    from afm_mlx.presets import tiny_draft
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    base, draft = tiny_base(vocab_size=512), tiny_draft(vocab_size=512, kv_quant=True)
+    base_sd = synthetic_dict(base, seed=1, lora_rank=RANK, lora_nonzero=True)
+    draft_sd = {"model." + k: v for k, v in synthetic_dict(draft, seed=2, draft=True, kv_quant=True).items()}
+    save_checkpoint(tmp_path / "base-model.pt", base_sd.items(), tie={"output_transform.weight": "embedding.weight"})
+    save_checkpoint(tmp_path / "draft-model-final.pt", draft_sd.items(),
+                    tie={"model.output_transform.weight": "model.embedding.weight"})
+    convert(base=tmp_path / "base-model.pt", draft=tmp_path / "draft-model-final.pt",
+            tokenizer=build_tiny_tokenizer(tmp_path / "tok"), out=tmp_path / "out", bits=32, embedding_bits=32)
+    model, _ = afm_mlx.load(tmp_path / "out", draft=True, adapter=tmp_path / "out" / "base_adapter")
+    assert active_adapter(model) == "base_adapter"
+    draft_ref = reference_forward({k[len("model."):]: v for k, v in draft_sd.items()}, TOKENS, draft.to_dict())
+    assert np.abs(np.array(model.draft(mx.array(TOKENS)[None])[0]) - draft_ref).max() <= TOL
+    base_ref = reference_forward(base_sd, TOKENS, base.to_dict(), lora_scale=0.5)
+    assert np.abs(logits(model) - base_ref).max() <= TOL
