@@ -207,6 +207,15 @@ def store_float(w: np.ndarray, bits: int) -> Packed:
     return Packed({"weight": stored}, bits, None, exact, f"float{bits}", stats.max_abs, stats.relative)
 
 
+def _fits_float16(w: np.ndarray) -> bool:
+    """Whether float16 holds every value exactly (checked in row chunks, without a float16 copy of `w`)."""
+    with np.errstate(over="ignore"):
+        return all(
+            np.array_equal(np.asarray(w[rows_]).astype(np.float16).astype(np.float32), np.asarray(w[rows_]))
+            for rows_ in _row_chunks(w.shape[0], int(np.prod(w.shape[1:], dtype=np.int64)))
+        )
+
+
 def fitting_group(in_features: int, requested: int) -> int:
     """The requested group size, or the largest smaller MLX group size that divides `in_features`."""
     for group in (g for g in GROUP_SIZES if g <= requested):
@@ -230,9 +239,8 @@ def quantize_tensor(w: np.ndarray, request: QuantSetting, recipe: str = "auto") 
             for group in GROUP_SIZES:
                 if (packed := pack_exact(w, bits, group)) is not None:
                     return packed
-        as_half = store_float(w, 16)
-        if as_half.exact:
-            return as_half
+        if _fits_float16(w):
+            return store_float(w, 16)
     notes = []
     if request.quantized:
         group = fitting_group(w.shape[1], request.group_size)
