@@ -115,8 +115,9 @@ def kv_attention(q, k_codes, v_codes, k_scale, v_scale, *, scale: float, kv_len:
     )
 
 
-def attention_int8(q, cache, *, scale: float, causal: bool = True) -> mx.array:
-    """kv_attention over a KV-quantized cache: its int8 `keys`/`values` buffers, `key_scale`/`value_scale`, and
-    `offset` valid positions (call after update_and_fetch, so the offset includes the L new positions)."""
-    return kv_attention(q, cache.keys, cache.values, cache.key_scale, cache.value_scale, scale=scale,
-                        kv_len=cache.offset, causal=causal)  # fmt: skip
+def attention_int8(q, cache, k_scale, v_scale, *, scale: float, causal: bool = True) -> mx.array:
+    """kv_attention over a KV cache holding int8 codes (afm_mlx.cache.KVCache with kv-quant): its whole `keys` /
+    `values` buffers and its `offset` valid positions; call after update_and_fetch, so that the offset includes
+    the L new positions. k_scale / v_scale: the layer's quant_key_scale / quant_value_scale."""
+    return kv_attention(q, cache.keys, cache.values, k_scale, v_scale, scale=scale, kv_len=cache.offset,
+                        causal=causal)  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from . import dispatch
 from .reference import qmm_small_reference
@@ -89,9 +90,17 @@ def qmm_small(x, w, scales, biases, *, bits: int, group_size: int, lora=None) ->
 
 
 def quantized_linear_small(x, layer, lora=None) -> mx.array:
-    """`layer(x)` for an affine `nn.QuantizedLinear` (weight, scales, biases, optional bias) through qmm_small."""
-    if getattr(layer, "mode", "affine") != "affine":
-        raise ValueError(f"qmm_small handles affine quantization, not {layer.mode!r}")
+    """`layer(x)` (+ the LoRA term) for an affine `nn.QuantizedLinear`, through qmm_small for 1..8 rows.
+
+    Any other layer (nn.Linear, another quantization mode) is called as is, with the LoRA term added in x's
+    dtype; so a model can route all its linears through here. lora = (A[K, r], B[r, N], lora_scale) or None.
+    """
+    if not isinstance(layer, nn.QuantizedLinear) or getattr(layer, "mode", "affine") != "affine":
+        y = layer(x)
+        if lora is not None:
+            a, b, lora_scale = lora
+            y = y + (lora_scale * ((x @ a) @ b)).astype(y.dtype)
+        return y
     y = qmm_small(x, layer.weight, layer.scales, layer.biases, bits=layer.bits, group_size=layer.group_size,
                   lora=lora)  # fmt: skip
     if "bias" in layer:

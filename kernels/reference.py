@@ -21,6 +21,11 @@ def qmm_small_reference(x, w, scales, biases, *, bits, group_size, lora=None, dt
     return y.astype(out_dtype)
 
 
+def dequantize_codes(codes, scale, dtype):
+    """codes * scale in float32, then cast: the same rounding as the model's own K/V dequantisation."""
+    return (codes.astype(mx.float32) * mx.array(scale).astype(mx.float32)).astype(dtype)
+
+
 def kv_attention_reference(q, k_codes, v_codes, k_scale, v_scale, *, scale, kv_len=None, causal=True, dtype=None):
     """softmax(scale * q @ (codes_k * k_scale)^T, lower-right causal) @ (codes_v * v_scale), computed in `dtype`.
 
@@ -28,8 +33,8 @@ def kv_attention_reference(q, k_codes, v_codes, k_scale, v_scale, *, scale, kv_l
     """
     dtype = dtype or q.dtype
     kv_len = k_codes.shape[2] if kv_len is None else kv_len
-    k = k_codes[:, :, :kv_len].astype(dtype) * mx.array(k_scale).astype(dtype)
-    v = v_codes[:, :, :kv_len].astype(dtype) * mx.array(v_scale).astype(dtype)
+    k = dequantize_codes(k_codes[:, :, :kv_len], k_scale, dtype)
+    v = dequantize_codes(v_codes[:, :, :kv_len], v_scale, dtype)
     mask = "causal" if causal and q.shape[2] > 1 else None
     out = mx.fast.scaled_dot_product_attention(q.astype(dtype), k, v, scale=scale, mask=mask)
     return out.astype(q.dtype)
