@@ -1,0 +1,372 @@
+"""Regenerate the demo AFM family (tokenizer, base, draft) from scratch and ship it in afm_mlx/demo_model/.
+
+    python benchmarks/demo/build_demo.py            # everything (about 45-60 min on the 2-core CPU)
+    python benchmarks/demo/build_demo.py --fresh    # ignore cached stages in benchmarks/demo/work/
+
+Stages (each cached in the work dir, so an interrupted run resumes where it stopped):
+ 1. corpus     Jane Austen's six novels from Debian's r-cran-janeaustenr 1.0.0-1 (pinned sha256); the last 5% of
+               each novel is held out.
+ 2. tokenizer  SentencePiece (8192 pieces): pad 0, EOS 1, unk 2, user-defined <turn_start> <turn_end> <n>
+               <executable_start> <executable_end>; newlines are "<n>" (the toolkit's text processor).
+ 3. base       AFMTextV7 scaled down (4 regular + 2 KV-reuse layers, hidden 256, 4 q / 2 kv heads of 64),
+               pre-trained in bf16-mixed with int8 KV fake-quant (EMA observers).
+ 4. qat        2-bit (group 128) QAT of every linear and 4-bit (group 32) of the tied embedding, then the weights
+               are snapped exactly onto that grid in float32 (fp16-representable scales and minima).
+ 5. draft      uniform AFM (3 layers, hidden 128), embedding initialised from the base's by SVD projection,
+               distilled from the QAT base with the toolkit's inverse-KL loss on corpus windows and on the base's
+               own sampled continuations; weights rounded to float16-representable values at the end.
+ 6. eval       held-out perplexity (base float, base 2-bit QAT, base 2-bit PTQ of the float weights, draft) and
+               draft/base top-1 agreement -> benchmarks/results/demo_family.{json,md}.
+ 7. export     toolkit layout in work/assets/: base-model.pt, draft-model.pt (tamm names, torch zip, tied
+               embedding storage, kv-quantizer buffers), tokenizer.model, tokenizer-config.json.
+ 8. convert    afm_mlx.converters.convert (the `afm-mlx convert` path, `auto` recipe) -> afm_mlx/demo_model/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import corpus  # noqa: E402
+import train  # noqa: E402
+from afm_torch import AFMConfig, AFMText, count_params, set_weight_fake_quant, snap_weights_to_grid  # noqa: E402
+
+REPO = HERE.parent.parent
+SEED = 1234
+SPECIALS = ["<turn_start>", "<turn_end>", "<n>", "<executable_start>", "<executable_end>"]
+HELD_OUT_FRACTION = 0.05
+
+BASE_CONFIG = AFMConfig(vocab_size=8192, hidden_dim=256, num_layers=6, num_kv_reuse_layers=2, num_heads=4,
+                        num_kv_heads=2, hidden_dim_scale_factor=3.0, lora_rank=8, lora_alpha=4.0)
+DRAFT_CONFIG = AFMConfig(vocab_size=8192, hidden_dim=128, num_layers=3, num_kv_reuse_layers=0, num_heads=4,
+                         num_kv_heads=2, hidden_dim_scale_factor=3.0)
+# Sized for about 45 min on a busy 2-core CPU (~500-900 training tokens/s on one thread, see README.md).
+BASE_SCHEDULE = train.Schedule(steps=260, lr=3e-3, warmup=25)
+QAT_SCHEDULE = train.Schedule(steps=80, lr=6e-4, warmup=8, final_lr_fraction=0.05)
+DRAFT_SCHEDULE = train.Schedule(steps=130, lr=3e-3, warmup=12)
+CONTINUATIONS = {"count": 32, "prompt_len": 32, "new_tokens": 64}  # base samples (T = 0.8) for distillation
+QUANT = {"bits": 2, "group_size": 128, "embed_bits": 4, "embed_group_size": 32}
+
+log = logging.getLogger("build_demo")
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def setup_logging(work: Path) -> None:
+    from rich.logging import RichHandler
+
+    work.mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(work / "build.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(RichHandler(show_path=False))
+
+
+def progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def train_with_bar(name: str, model: AFMText, sched: train.Schedule, loss_fn) -> list[float]:
+    """run_steps with a progress bar and a log line every 50 steps."""
+    start = time.time()
+    with progress_bar() as bar:
+        task = bar.add_task(name, total=sched.steps, info="")
+
+        def progress(step: int, loss: float) -> None:
+            bar.update(task, advance=1, info=f"loss {loss:.3f}")
+            if step % 50 == 0 or step == sched.steps - 1:
+                tokens = (step + 1) * sched.batch_size * sched.seq_len
+                log.info(f"{name} step {step}/{sched.steps} loss {loss:.4f} lr {sched.lr_at(step):.2e} "
+                         f"{tokens / (time.time() - start):.0f} tok/s")
+
+        losses = train.run_steps(model, sched, loss_fn, progress)
+    log.info(f"{name}: {sched.steps} steps in {time.time() - start:.0f} s")
+    return losses
+
+
+def save_model(model: AFMText, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.rename(path)
+
+
+def load_model(cfg: AFMConfig, path: Path) -> AFMText:
+    model = AFMText(cfg)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_corpus(work: Path) -> dict[str, dict[str, list[str]]]:
+    out = work / "corpus.json"
+    if not out.exists():
+        deb = corpus.fetch_deb(work)
+        digest = corpus.sha256(deb)
+        if digest != corpus.DEB_SHA256:
+            raise SystemExit(f"{deb}: sha256 {digest} differs from the pinned {corpus.DEB_SHA256}")
+        novels = corpus.read_novels(deb)
+        splits = {"train": {}, "held_out": {}}
+        for name in corpus.NOVELS:
+            splits["train"][name], splits["held_out"][name] = corpus.split_novel(
+                corpus.paragraphs(novels[name]), HELD_OUT_FRACTION)
+        out.write_text(json.dumps(splits))
+    splits = json.loads(out.read_text())
+    for split, docs in splits.items():
+        chars = sum(len(p) + 1 for paras in docs.values() for p in paras)
+        log.info(f"corpus {split}: {len(docs)} novels, {sum(map(len, docs.values()))} paragraphs, {chars:,} chars")
+    return splits
+
+
+def stage_tokenizer(work: Path, splits) -> "spm.SentencePieceProcessor":
+    import sentencepiece as spm
+
+    model_path = work / "tokenizer.model"
+    if not model_path.exists():
+        lines = work / "tokenizer_train.txt"
+        lines.write_text("\n".join(p for paras in splits["train"].values() for p in paras) + "\n")
+        spm.SentencePieceTrainer.train(
+            input=str(lines), model_prefix=str(work / "tokenizer"), vocab_size=BASE_CONFIG.vocab_size,
+            model_type="unigram", character_coverage=1.0, byte_fallback=True, pad_id=0, eos_id=1, unk_id=2,
+            bos_id=-1, user_defined_symbols=SPECIALS, num_threads=2, seed_sentencepiece_size=200000,
+            minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    assert sp.pad_id() == 0 and sp.eos_id() == 1 and all(sp.piece_to_id(s) > 2 for s in SPECIALS)
+    return sp
+
+
+def encode_docs(sp, docs: dict[str, list[str]]) -> list[np.ndarray]:
+    """Each novel as one token stream: paragraphs joined by newlines, newline -> "<n>" (toolkit text processor)."""
+    return [np.array(sp.encode("\n".join(paras).replace("\n", "<n>")), dtype=np.int32) for paras in docs.values()]
+
+
+def stage_base(work: Path, sampler: train.WindowSampler) -> AFMText:
+    path = work / "base_float.pt"
+    if path.exists():
+        return load_model(BASE_CONFIG, path)
+    torch.manual_seed(SEED)
+    model = AFMText(BASE_CONFIG)
+    log.info(f"base: {count_params(model):,} parameters (LoRA slots included)")
+    train_with_bar("base float", model, BASE_SCHEDULE, train.lm_loss(model, sampler, BASE_SCHEDULE))
+    save_model(model, path)
+    return model
+
+
+def stage_qat(work: Path, base_float: AFMText, sampler: train.WindowSampler) -> AFMText:
+    path = work / "base_qat.pt"
+    if path.exists():
+        return load_model(BASE_CONFIG, path)
+    torch.manual_seed(SEED + 1)
+    model = copy.deepcopy(base_float)
+    set_weight_fake_quant(model, QUANT["bits"], QUANT["group_size"], QUANT["embed_bits"], QUANT["embed_group_size"])
+    train_with_bar("base 2-bit QAT", model, QAT_SCHEDULE, train.lm_loss(model, sampler, QAT_SCHEDULE))
+    snap_weights_to_grid(model, **QUANT)
+    save_model(model, path)
+    return model
+
+
+def ptq(base_float: AFMText) -> AFMText:
+    """Plain post-training quantization: the float weights rounded onto the same grids, no fine-tuning."""
+    model = copy.deepcopy(base_float)
+    snap_weights_to_grid(model, **QUANT)
+    return model.eval()
+
+
+def init_draft_from_base(draft: AFMText, base: AFMText) -> None:
+    """Draft embedding = the base's embedding projected onto its top principal directions (shared vocabulary)."""
+    with torch.no_grad():
+        table = base.embedding.weight.float()
+        _, _, vh = torch.linalg.svd(table - table.mean(0), full_matrices=False)
+        projected = table @ vh[:draft.cfg.hidden_dim].T
+        draft.embedding.weight.copy_(projected * (draft.cfg.hidden_dim ** -0.5 / projected.std()))
+
+
+def stage_draft(work: Path, base: AFMText, sampler: train.WindowSampler) -> AFMText:
+    path = work / "draft.pt"
+    if path.exists():
+        return load_model(DRAFT_CONFIG, path)
+    torch.manual_seed(SEED + 2)
+    draft = AFMText(DRAFT_CONFIG)
+    init_draft_from_base(draft, base)
+    log.info(f"draft: {count_params(draft):,} parameters")
+    continuations = base_continuations(work, base, sampler)
+    rng = np.random.default_rng(SEED + 3)
+    sched = DRAFT_SCHEDULE
+
+    def batches(step: int) -> torch.Tensor:
+        # Alternate corpus windows with the base's own continuations (what speculative decoding will see).
+        if step % 2 == 0 or continuations is None:
+            return sampler.batch(sched.batch_size, sched.seq_len)[0]
+        return continuations[rng.choice(len(continuations), sched.batch_size, replace=False)]
+
+    train_with_bar("draft distill", draft, sched, train.distill_loss(draft, base, batches))
+    round_parameters_to_fp16(draft)
+    save_model(draft, path)
+    return draft
+
+
+@torch.no_grad()
+def round_parameters_to_fp16(model: AFMText) -> None:
+    """Make the draft's weights float16-representable (kept float32): the converter's `auto` recipe then stores
+    them as float16 losslessly instead of falling back to a lossy 2-bit grid."""
+    for p in model.parameters():
+        p.copy_(p.half().float())
+
+
+def base_continuations(work: Path, base: AFMText, sampler: train.WindowSampler) -> torch.Tensor:
+    """Sequences of corpus prompt + the base's own sampled continuation (T = 0.8), cached."""
+    path = work / "continuations.pt"
+    count, prompt_len, new_tokens = CONTINUATIONS["count"], CONTINUATIONS["prompt_len"], CONTINUATIONS["new_tokens"]
+    if path.exists():
+        return torch.load(path)
+    gen = torch.Generator().manual_seed(SEED + 4)
+    prompts = sampler.batch(count, prompt_len)[0]
+    chunks = []
+    with progress_bar() as bar:
+        task = bar.add_task("base continuations", total=count, info="")
+        for i in range(0, count, 16):
+            chunks.append(train.sample_continuations(base, prompts[i:i + 16], new_tokens, 0.8, gen))
+            bar.update(task, advance=len(chunks[-1]))
+    seqs = torch.cat(chunks)
+    torch.save(seqs, path)
+    return seqs
+
+
+def stage_eval(work: Path, held_out: list[np.ndarray], eos_id: int, models: dict[str, AFMText],
+               base_qat: AFMText, draft: AFMText) -> dict:
+    inputs, targets = train.eval_windows(held_out, eos_id, BASE_SCHEDULE.seq_len)
+    results = {"held_out_tokens": int(targets.numel()), "perplexity": {}}
+    for name, model in models.items():
+        results["perplexity"][name] = train.perplexity(model, inputs, targets)
+        log.info(f"held-out perplexity {name}: {results['perplexity'][name]:.2f}")
+    results["draft_top1_agreement_held_out"] = train.top1_agreement(draft, base_qat, inputs)
+    gen = torch.Generator().manual_seed(SEED + 5)
+    greedy = train.sample_continuations(base_qat, inputs[:16, :32], 64, 0.0, gen)
+    results["draft_top1_agreement_base_greedy"] = train.top1_agreement(draft, base_qat, greedy)
+    log.info(f"draft/base top-1 agreement: held-out {results['draft_top1_agreement_held_out']:.3f}, "
+             f"on base greedy text {results['draft_top1_agreement_base_greedy']:.3f}")
+    return results
+
+
+def stage_export(work: Path, base: AFMText, draft: AFMText, sp) -> Path:
+    """The toolkit's assets/ layout (plain OrderedDict state dicts, torch zip format, tied storage)."""
+    assets = work / "assets"
+    assets.mkdir(exist_ok=True)
+    for model, name in ((base, "base-model.pt"), (draft, "draft-model.pt")):
+        state = OrderedDict(model.toolkit_state_dict())
+        assert state["output_transform.weight"].untyped_storage().data_ptr() == \
+            state["embedding.weight"].untyped_storage().data_ptr()
+        torch.save(state, assets / name)
+    shutil.copy(work / "tokenizer.model", assets / "tokenizer.model")
+    (assets / "tokenizer-config.json").write_text(json.dumps({"eot_id": sp.piece_to_id("<turn_end>")}, indent=2))
+    return assets
+
+
+def stage_convert(assets: Path, out_dir: Path) -> bool:
+    try:
+        from afm_mlx.converters import convert
+    except ImportError:
+        log.warning("afm_mlx.converters.convert is not available yet: skipping the conversion (rerun later)")
+        return False
+    convert(assets, out_dir, force=True)  # default `auto` recipe; writes atomically
+    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    log.info(f"converted family in {out_dir}: {size / 1e6:.1f} MB")
+    return True
+
+
+def write_results(results: dict, path_json: Path) -> None:
+    path_json.parent.mkdir(parents=True, exist_ok=True)
+    path_json.write_text(json.dumps(results, indent=2) + "\n")
+    ppl = results["perplexity"]
+    rows = [
+        ("base, float32 (bf16-mixed training)", ppl["base_float"]),
+        ("base, 2-bit PTQ of the float weights (emb. 4-bit)", ppl["base_2bit_ptq"]),
+        ("base, 2-bit QAT, snapped to the grid (shipped)", ppl["base_2bit_qat"]),
+        ("draft, float32 (shipped)", ppl["draft"]),
+    ]
+    lines = ["| model | held-out perplexity |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]
+    lines += ["", f"Held-out: {results['held_out_tokens']:,} tokens (last 5% of each novel). Draft/base top-1 "
+              f"agreement (teacher-forced): {results['draft_top1_agreement_held_out']:.3f} on held-out text, "
+              f"{results['draft_top1_agreement_base_greedy']:.3f} on the base's greedy continuations."]
+    path_json.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def smoke_settings(args) -> None:
+    """Shrink every stage to a few steps and keep all outputs inside the work dir."""
+    global BASE_SCHEDULE, QAT_SCHEDULE, DRAFT_SCHEDULE, CONTINUATIONS
+    CONTINUATIONS = {"count": 16, "prompt_len": 8, "new_tokens": 8}
+    BASE_SCHEDULE = train.Schedule(steps=4, lr=2e-3, warmup=2, batch_size=4, seq_len=64)
+    QAT_SCHEDULE = train.Schedule(steps=3, lr=6e-4, warmup=1, batch_size=4, seq_len=64)
+    DRAFT_SCHEDULE = train.Schedule(steps=4, lr=3e-3, warmup=1, batch_size=4, seq_len=64)
+    smoke = args.work / "smoke"
+    smoke.mkdir(parents=True, exist_ok=True)
+    for cached in ("corpus.json", "tokenizer.model"):  # reuse the real corpus/tokenizer when present
+        if (args.work / cached).exists() and not (smoke / cached).exists():
+            shutil.copy(args.work / cached, smoke / cached)
+    args.work, args.out, args.results = smoke, smoke / "demo_model", smoke / "demo_family.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=HERE / "work", help="cache/work directory (gitignored)")
+    parser.add_argument("--out", type=Path, default=REPO / "afm_mlx" / "demo_model", help="converted family")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "demo_family.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared 2-core machine 2 threads ran 2.5x slower)")
+    parser.add_argument("--fresh", action="store_true", help="delete the work dir first")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few steps per stage, into --work/smoke (checks the pipeline, not a real model)")
+    args = parser.parse_args()
+    if args.smoke:
+        smoke_settings(args)
+    if args.fresh:
+        shutil.rmtree(args.work, ignore_errors=True)
+    setup_logging(args.work)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    start = time.time()
+
+    splits = stage_corpus(args.work)
+    sp = stage_tokenizer(args.work, splits)
+    train_docs, held_out = encode_docs(sp, splits["train"]), encode_docs(sp, splits["held_out"])
+    log.info(f"tokens: train {sum(map(len, train_docs)):,}, held-out {sum(map(len, held_out)):,}")
+    sampler = train.WindowSampler(train_docs, sp.eos_id(), SEED)
+    base_float = stage_base(args.work, sampler)
+    base_qat = stage_qat(args.work, base_float, sampler)
+    draft = stage_draft(args.work, base_qat, sampler)
+    models = {"base_float": base_float, "base_2bit_ptq": ptq(base_float), "base_2bit_qat": base_qat, "draft": draft}
+    results = stage_eval(args.work, held_out, sp.eos_id(), models, base_qat, draft)
+    results.update(config={"base": vars(BASE_CONFIG), "draft": vars(DRAFT_CONFIG), "quant": QUANT,
+                           "schedules": {k: vars(v) for k, v in (("base", BASE_SCHEDULE), ("qat", QAT_SCHEDULE),
+                                                                 ("draft", DRAFT_SCHEDULE))}},
+                   params={"base": count_params(base_qat), "draft": count_params(draft)},
+                   corpus=f"{corpus.DEB_PACKAGE} {corpus.DEB_VERSION}", seed=SEED)
+    assets = stage_export(args.work, base_qat, draft, sp)
+    converted = stage_convert(assets, args.out)
+    results["wall_seconds"] = round(time.time() - start)
+    results["converted"] = converted
+    write_results(results, args.results)
+    log.info(f"done in {(time.time() - start) / 60:.1f} min; results in {args.results}")
+
+
+if __name__ == "__main__":
+    main()
