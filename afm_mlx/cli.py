@@ -34,6 +34,51 @@ def _fail(err: Exception) -> None:
 # ---- commands (one block each; keep them thin) ----
 
 
+@app.command()
+def bench(
+    full: bool = typer.Option(False, "--full", help="Also the full-size 3B base + 48.8M draft with synthetic "
+                                                    "on-grid weights (2-bit g128, 4-bit embeddings): speed and "
+                                                    "memory only; slow on a CPU."),
+    demo: bool = typer.Option(True, "--demo/--no-demo", help="The demo family on held-out real text."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Benchmark this converted model directory (and its "
+                                                               "draft/) instead of the demo family."),
+    tiny: bool = typer.Option(False, "--tiny", help="Only a tiny random model: a seconds-long smoke run."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt texts: .txt (blank-line separated) or .json list."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: benchmarks/results/<backend>-<device>)."),
+    trials: Optional[int] = typer.Option(None, help="Timed runs per setting (medians are reported)."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed warm-up runs per setting."),
+    max_tokens: Optional[int] = typer.Option(None, help="Tokens generated per decode run."),
+    prompt_lengths: Optional[str] = typer.Option(None, help="Prefill/TTFT prompt lengths, e.g. 32,128,512."),
+    decode_prompt_length: Optional[int] = typer.Option(None, help="Prompt length before decode runs."),
+    ks: Optional[str] = typer.Option(None, "--ks", help="Draft lengths for speculative decoding, e.g. 1-8 or 2,4."),
+    temperatures: Optional[str] = typer.Option(None, help="Sampling temperatures, e.g. 0,0.7."),
+    engines: Optional[str] = typer.Option(None, help="afm-mlx,mlx-lm (default both, side by side)."),
+    adapter: Optional[bool] = typer.Option(None, "--adapter/--no-adapter", help="Decode with a random LoRA adapter "
+                                                                              "vs none (afm-mlx)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots (needs matplotlib)."),
+):
+    """Benchmark afm-mlx against mlx-lm's afm7 on the same weights: prefill/TTFT, decode, speculative k sweep,
+    acceptance by draft position, memory, KV bytes, roofline; writes JSON, markdown and PNG plots.
+
+    Defaults per workload and backend are sized to finish in minutes (see afm_mlx.bench.default_config).
+    """
+    from .bench import parse_floats, parse_ints, run_workloads
+
+    try:
+        names = ["tiny"] if tiny else (["model"] if model else ["demo"] if demo else []) + (["full"] if full else [])
+        if not names:
+            raise AFMError("nothing to benchmark: --no-demo needs --full or --model")
+        overrides = {"trials": trials, "warmup": warmup, "max_tokens": max_tokens,
+                     "decode_prompt_length": decode_prompt_length,
+                     "prompt_lengths": parse_ints(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
+                     "ks": parse_ints(ks, "--ks") if ks else None,
+                     "temperatures": parse_floats(temperatures, "--temperatures") if temperatures else None,
+                     "engines": [e.strip() for e in engines.split(",")] if engines else None, "adapter": adapter}
+        run_workloads(names, model_dir=model, prompts=prompts, out_dir=out, plots=plots, overrides=overrides)
+    except AFMError as err:
+        _fail(err)
+
+
 @app.command("export-adapter")
 def export_adapter(
     adapter: Path = typer.Argument(..., help="Adapter: toolkit checkpoint (adapter-final.pt), .fmadapter package "
