@@ -18,8 +18,8 @@ from .tolerances import TOLERANCES
 MAX_ROWS = 8
 KERNEL_BITS = (2, 4)
 KERNEL_GROUPS = (32, 64, 128)
-ROWS_PER_SIMDGROUP = 4
-SIMDGROUPS = 2
+ROWS_PER_SIMDGROUP = 4  # output rows per SIMD-group / warp
+SIMDGROUPS = 2  # per threadgroup / block
 INPUTS = ["x", "w", "scales", "biases", "lora_t", "lora_b", "k", "n", "rank"]
 
 
@@ -50,7 +50,7 @@ def _launch(which: str, x2, w, scales, biases, bits: int, group_size: int, lora)
         rank = a.shape[1]
     else:
         lora_t, lora_b, rank = mx.zeros((1,), mx.float32), mx.zeros((1,), x2.dtype), 0
-    rows_per_group = ROWS_PER_SIMDGROUP * SIMDGROUPS
+    rows_per_group = ROWS_PER_SIMDGROUP * SIMDGROUPS  # module constants, read per call (benchmarks sweep them)
     kern = dispatch.kernel("qmm_small", which, INPUTS, ["y"])
     return kern(
         inputs=[x2, w, scales, biases, lora_t, lora_b, k, n, rank],
@@ -78,7 +78,8 @@ def qmm_small(x, w, scales, biases, *, bits: int, group_size: int, lora=None) ->
         return qmm_small_reference(x, w, scales, biases, bits=bits, group_size=group_size, lora=lora)
     x2 = x.reshape(m, k)
     args = dict(bits=bits, group_size=group_size, lora=lora)
-    shape_class = ("qmm_small", which, str(x.dtype), str(scales.dtype), m, bits, group_size, lora is not None)
+    shape_class = ("qmm_small", which, str(x.dtype), str(scales.dtype), m, bits, group_size, lora is not None,
+                   ROWS_PER_SIMDGROUP, SIMDGROUPS)  # fmt: skip
     y = dispatch.checked(
         shape_class,
         run_kernel=lambda: _launch(which, x2, w, scales, biases, bits, group_size, lora),
