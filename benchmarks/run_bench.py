@@ -1,0 +1,59 @@
+"""Run the benchmark suite, or rebuild the README table from the results on disk.
+
+    python benchmarks/run_bench.py                      # demo family on held-out text (same as `afm-mlx bench`)
+    python benchmarks/run_bench.py --full               # + the full-size 3B base + draft, synthetic on-grid weights
+    python benchmarks/run_bench.py --model DIR          # a converted model directory (+ its draft/)
+    python benchmarks/run_bench.py --help               # every option (they are afm-mlx bench's)
+    python benchmarks/run_bench.py readme               # benchmarks/results/README.md from results/*/*.json
+
+Results go to benchmarks/results/<backend>-<device>/<workload>.{json,md} plus PNG plots.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+README_HEAD = """# Benchmark results
+
+Written by `python benchmarks/run_bench.py readme` from the `*/<workload>.json` files beside this one; each
+directory is one machine (`<backend>-<device>`), each file one workload, with its full table in `<workload>.md`
+and plots in `<workload>-*.png`. Plain decode compares afm-mlx with mlx-lm's `afm7` on the very same weight
+arrays in the same run; speculative decoding is at T = 0 on the best k. "full" uses synthetic on-grid weights
+(speed and memory only: its draft is unrelated to the base, so acceptance is ~0 there).
+
+"""
+
+
+def write_readme(results_dir: Path = RESULTS) -> Path:
+    from afm_mlx.bench import readme_table
+
+    files = sorted(p for p in results_dir.glob("*/*.json") if p.stem != "tiny")  # tiny: smoke runs only
+    if not files:
+        raise SystemExit(f"error: no results in {results_dir}/*/ (run a benchmark first)")
+    notes = []
+    for path in files:
+        md = path.with_suffix(".md")
+        notes.append(f"- [{path.parent.name}/{md.name}]({path.parent.name}/{md.name})")
+    text = README_HEAD + readme_table(files) + "\nFull tables:\n\n" + "\n".join(notes) + "\n"
+    out = results_dir / "README.md"
+    tmp = out.with_name(".README.md.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["readme"]:
+        print(write_readme())
+        return 0
+    from afm_mlx.cli import app
+
+    app(["bench", *argv], prog_name="run_bench.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,143 @@
+"""The benchmark harness (afm_mlx.bench): a CI-sized run on tiny random models, plus its bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from afm_mlx import bench
+from afm_mlx.cli import app
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return bench.tiny_workload(seed=3)
+
+
+@pytest.fixture(scope="module")
+def results(tiny):
+    config = bench.default_config("tiny", "cpu")
+    config.temperatures = [0.0, 0.7]
+    return bench.run_benchmark(tiny, config)
+
+
+def test_smoke_run_has_every_metric_with_sane_values(results):
+    engines = results["engines"]
+    assert set(engines) == {"afm-mlx", "mlx-lm"}
+    for name, r in engines.items():
+        assert [p["prompt_tokens"] for p in r["prefill"]] == [8, 16]
+        assert all(p["ttft_s"] > 0 and p["prefill_tps"] > 0 for p in r["prefill"])
+        for key in ("T=0", "T=0.7"):
+            decode = r["decode"][key]
+            assert decode["generated"] == 12 and decode["tps"] > 0 and decode["peak_memory_bytes"] > 0
+            assert [s["k"] for s in r["speculative"][key]] == [1, 2]
+            for s in r["speculative"][key]:
+                assert 0 <= s["acceptance"] <= 1 and len(s["acceptance_by_position"]) == s["k"]
+                assert s["rounds"] >= 1 and s["tps"] > 0
+                assert s["speedup"] == pytest.approx(s["tps"] / decode["tps"])
+        assert all(s["greedy_matches_plain"] == 1.0 for s in r["speculative"]["T=0"]), name
+    assert engines["afm-mlx"]["adapter"]["status"] == "measured"
+    assert engines["mlx-lm"]["adapter"]["status"] == "n/a"
+
+
+def test_same_weights_give_the_same_greedy_tokens_in_both_engines(results):
+    agreement = results["agreement_greedy"]
+    assert agreement["identical_runs"] == agreement["runs"] == 1
+
+
+def test_kv_bytes_per_token_int8_vs_mlx_lm_floats(results, tiny):
+    args = tiny.model.args
+    int8 = args.num_regular_layers * 2 * args.num_kv_heads * args.head_dim  # codes only, 1 byte each
+    assert results["engines"]["afm-mlx"]["kv_bytes_per_token"] == int8
+    assert results["engines"]["mlx-lm"]["kv_bytes_per_token"] == 4 * int8  # float32 K/V on the CPU backend
+    assert results["ratios"]["decode_tps"]["T=0"] > 0
+
+
+def test_results_files_are_json_and_markdown(results, tmp_path):
+    written = bench.write_results(results, tmp_path, plots=False)
+    assert [p.name for p in written] == ["tiny.json", "tiny.md"]
+    loaded = json.loads(written[0].read_text())
+    assert loaded["machine"]["backend"] == "cpu" and loaded["machine"]["git"]["commit"]
+    assert loaded["machine"]["versions"]["mlx-lm"] != "not installed"
+    md = written[1].read_text()
+    for heading in ("| metric | afm-mlx | mlx-lm | afm-mlx / mlx-lm |", "Speculative decoding, T=0",
+                    "Acceptance by draft position, afm-mlx, T=0.7", "plain decode >= 1.1x mlx-lm"):
+        assert heading in md
+    assert "prefill tok/s, 16-token prompt" in md
+    table = bench.readme_table([written[0]])
+    assert "| cpu / " in table and "| tiny |" in table
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+
+
+def test_cli_smoke_run(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--tiny", "--out", str(tmp_path), "--no-plots", "--ks", "2",
+                                      "--no-adapter", "--engines", "afm-mlx"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert list(data["engines"]) == ["afm-mlx"] and data["config"]["ks"] == [2]
+    assert data["engines"]["afm-mlx"]["adapter"]["status"] == "n/a"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tiny", "--ks", "1-x"], "--ks"), (["--tiny", "--engines", "vllm"], "engines must be"),
+    (["--no-demo"], "nothing to benchmark"), (["--tiny", "--trials", "0"], "trials"),
+    (["--model", "/nonexistent/model"], "not found")])
+def test_cli_bad_settings_fail_in_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), *args])
+    assert result.exit_code == 1 and message in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_rounds_from_mlx_lm_flags():
+    # k=3, 9 tokens: round 1 accepts 2 (T T F), round 2 none (F), round 3 all 3 + target (T T T F),
+    # round 4 proposes min(3, 9 - 8) = 1 and stops at max_tokens after accepting it (T).
+    flags = [True, True, False, False, True, True, True, False, True]
+    proposed, accepted, rounds = bench.rounds_from_flags(flags, 3, 9)
+    assert (proposed, accepted, rounds) == ([4, 3, 3], [3, 2, 1], 4)
+
+
+def test_synthetic_weights_lie_on_the_affine_grid():
+    model = bench.synthetic_model(bench.tiny_workload().model.args, bits=2, group_size=32, seed=1)
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, nn.QuantizedLinear) and layer.bits == 2
+    w = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=32, bits=2))
+    s, b = np.array(layer.scales), np.array(layer.biases)
+    codes = (w.reshape(w.shape[0], -1, 32) - b[..., None]) / s[..., None]
+    assert np.abs(codes - np.round(codes)).max() < 1e-4 and set(np.unique(np.round(codes))) <= {0, 1, 2, 3}
+    assert np.abs(w).max() <= 1.5 / np.sqrt(w.shape[1]) + 1e-6
+
+
+def test_mlx_lm_mirror_shares_arrays_and_matches_logits(tiny):
+    from mlx_lm.models import afm7
+
+    before = (afm7.FusedLinear.to_quantized, afm7.fake_8bit_quant)
+    for model in (tiny.model, tiny.draft):  # the draft has no kv-quant scales
+        mirror = bench.mlx_lm_mirror(model)
+        ours = dict(bench.tree_flatten(model.parameters()))
+        theirs = dict(bench.tree_flatten(mirror.parameters()))
+        assert ours.keys() == theirs.keys() and all(theirs[k] is ours[k] for k in ours)
+        tokens = mx.array([tiny.prompt(12, 0)])
+        with bench.mlx_lm_patches():
+            reference = mirror(tokens)
+        assert mx.abs(model(tokens) - reference).max().item() <= 1e-4
+    assert (afm7.FusedLinear.to_quantized, afm7.fake_8bit_quant) == before  # the patches are undone
+
+
+def test_bandwidth_table_and_bytes_per_token():
+    assert bench.memory_bandwidth("Apple M4 Max") == 546 and bench.memory_bandwidth("Apple M4") == 120
+    assert bench.memory_bandwidth("NVIDIA H100 80GB HBM3") == 3350 and bench.memory_bandwidth("NVIDIA H200") == 4800
+    assert bench.memory_bandwidth("AMD EPYC") is None and bench.memory_bandwidth("NVIDIA H100 PCIe") is None
+    from afm_mlx.presets import BASE_3B, kv_bytes_per_token
+
+    moved = bench.decode_bytes(10**9, kv_bytes_per_token(BASE_3B), BASE_3B, context=1000)
+    assert moved["kv"] == 1000 * 512 * 56  # 512 int8 bytes per layer and token, read by 35 + 21 layers
+
+
+def test_parse_lists():
+    assert bench.parse_ints("1-4,8", "--ks") == [1, 2, 3, 4, 8]
+    assert bench.parse_floats("0,0.7", "--temperatures") == [0.0, 0.7]
