@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -130,19 +131,47 @@ def cache_dir() -> Path:
 _LOADED: dict[str, ctypes.CDLL] = {}
 
 
+HEADERS = ("runtime.h", "fp_types.h", "msl_shim.h", "cuda_shim.h")
+
+
+def precompiled_headers() -> Path:
+    """A cache folder with copies of the shim headers and their precompiled .gch files (halves each compile).
+
+    g++ uses `<dir>/msl_shim.h.gch` in place of `<dir>/msl_shim.h` when the flags match, and otherwise silently
+    reads the header, so a stale or unusable PCH costs time, never correctness."""
+    text = "\0".join((HERE / h).read_text() for h in HEADERS)
+    key = hashlib.sha256("\0".join([text, CXX, *CXXFLAGS]).encode()).hexdigest()[:16]
+    folder = cache_dir() / f"pch_{key}"
+    if folder.exists():
+        return folder
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
+    for h in HEADERS:
+        (tmp / h).write_text((HERE / h).read_text())
+    for shim in ("msl_shim.h", "cuda_shim.h"):
+        flags = [f for f in CXXFLAGS if f != "-shared"]
+        subprocess.run([CXX, *flags, "-x", "c++-header", str(tmp / shim), "-o", str(tmp / f"{shim}.gch")],
+                       capture_output=True)  # fmt: skip
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def compile_shared(cpp: str, shim: str = "msl_shim.h") -> ctypes.CDLL:
-    """Compile once per (source, shim, runtime, flags) hash; concurrent builders race safely via rename."""
-    deps = "".join((HERE / f).read_text() for f in (shim, "runtime.h"))
+    """Compile once per (source, headers, flags) hash, cached on disk; concurrent builders race safely."""
+    deps = "".join((HERE / h).read_text() for h in HEADERS)
     key = hashlib.sha256("\0".join([cpp, deps, CXX, *CXXFLAGS]).encode()).hexdigest()[:24]
     if key in _LOADED:
         return _LOADED[key]
     so = cache_dir() / f"k_{key}.so"
     if not so.exists():
+        include = precompiled_headers()
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # same filesystem: os.replace is atomic
             src = Path(tmp) / "kernel.cpp"
             src.write_text(cpp)
             out = Path(tmp) / "kernel.so"
-            cmd = [CXX, *CXXFLAGS, "-I", str(HERE), str(src), "-o", str(out)]
+            cmd = [CXX, *CXXFLAGS, "-I", str(include), str(src), "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise EmulatorError(f"kernel does not compile:\n{proc.stderr[-6000:]}")
