@@ -79,6 +79,95 @@ def bench(
         _fail(err)
 
 
+_MODEL_HELP = "Model directory from `afm-mlx convert` (default: the embedded demo model)."
+_DRAFT_HELP = "Draft model directory for speculative decoding (default: MODEL/draft when it exists)."
+_TEMP_HELP = ("Sampling temperature; 0 = greedy (the default: the same prompt gives the same text, which is what "
+              "evaluating a model or adapter needs, and speculative decoding gains most). The toolkit's generate.py "
+              "samples with --temp 1.0 --top-k 50.")
+
+
+def _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed, num_draft_tokens,
+                        adaptive_draft, stop, max_context) -> dict:
+    return dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed, num_draft_tokens=num_draft_tokens,
+                adaptive_draft=adaptive_draft, stop=stop or None, max_context=max_context)
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="The user message (or, with --raw, the exact text); read "
+                                                      "from stdin when omitted."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    draft: Optional[Path] = typer.Option(None, "--draft", help=_DRAFT_HELP),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, even when a draft is available."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the toolkit's)."),
+    raw: bool = typer.Option(False, "--raw", help="No chat template: continue the prompt text as it is."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", "-t", help=_TEMP_HELP),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Keep the most likely tokens up to this mass, in (0, 1]."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty over the last 20 "
+                                                                               "tokens (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text."),
+    num_draft_tokens: int = typer.Option(4, "--num-draft-tokens", "-k", help="Tokens the draft proposes per "
+                                                                            "verify step (the maximum with "
+                                                                            "--adaptive-draft)."),
+    adaptive_draft: bool = typer.Option(False, "--adaptive-draft", help="Pick the draft length per step from the "
+                                                                        "running acceptance rate."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable); EOS and <turn_end> "
+                                                      "always stop."),
+    max_context: int = typer.Option(4096, "--max-context", help="Context limit: prompt + generated tokens."),
+    stats: bool = typer.Option(False, "--stats", help="Print token counts, speeds, memory and draft acceptance "
+                                                      "to stderr."),
+):
+    """Generate a reply to PROMPT, streamed to stdout; speculative decoding with the draft when there is one.
+
+    The output follows the base model's distribution exactly with or without the draft (greedy: the same text).
+    """
+    from .generate import run_generate
+
+    options = _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
+                                  num_draft_tokens, adaptive_draft, stop, max_context)
+    options.update(system=system, raw=raw)
+    try:
+        run_generate(prompt, model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats,
+                     options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr)
+    except AFMError as err:
+        _fail(err)
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    draft: Optional[Path] = typer.Option(None, "--draft", help=_DRAFT_HELP),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Plain decoding, even when a draft is available."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the toolkit's)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
+    temp: float = typer.Option(0.0, "--temp", "-t", help=_TEMP_HELP),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Keep the most likely tokens up to this mass, in (0, 1]."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    num_draft_tokens: int = typer.Option(4, "--num-draft-tokens", "-k", help="Draft tokens per verify step."),
+    adaptive_draft: bool = typer.Option(False, "--adaptive-draft", help="Adapt the draft length."),
+    max_context: int = typer.Option(4096, "--max-context", help="Context limit of the whole conversation."),
+    stats: bool = typer.Option(False, "--stats", help="Print each reply's stats to stderr."),
+):
+    """Multi-turn chat in the terminal, one message per line (/reset, /exit). The KV cache is kept across turns:
+    each turn prefills only its own new tokens."""
+    from .generate import run_chat
+
+    options = _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
+                                  num_draft_tokens, adaptive_draft, None, max_context)
+    try:
+        run_chat(model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats, system=system,
+                 options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr)
+    except AFMError as err:
+        _fail(err)
+
+
 @app.command("export-adapter")
 def export_adapter(
     adapter: Path = typer.Argument(..., help="Adapter: toolkit checkpoint (adapter-final.pt), .fmadapter package "
