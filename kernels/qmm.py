@@ -46,7 +46,7 @@ def _launch(which: str, x2, w, scales, biases, bits: int, group_size: int, lora)
     n = w.shape[0]
     if lora is not None:
         a, lora_b, lora_scale = lora
-        lora_t = (x2.astype(mx.float32) @ a.astype(mx.float32)) * lora_scale  # [M, r], tiny
+        lora_t = (x2 @ a.astype(x2.dtype)).astype(mx.float32) * lora_scale  # [M, r], in x's dtype like mlx-lm
         rank = a.shape[1]
     else:
         lora_t, lora_b, rank = mx.zeros((1,), mx.float32), mx.zeros((1,), x2.dtype), 0
@@ -107,3 +107,17 @@ def quantized_linear_small(x, layer, lora=None) -> mx.array:
     if "bias" in layer:
         y = y + layer.bias
     return y
+
+
+def lora_block_diagonal(bs: list[mx.array]) -> mx.array:
+    """One B [sum r_k, sum N_k] for a LoRA whose output parts (Q | K | V) each have their own B_k [r_k, N_k] and
+    whose A_k sit side by side in one A: x @ A @ blockdiag(B_k) = concat_k(x @ A_k @ B_k). Build it once per
+    adapter activation, then pass (A, blockdiag, scale) as qmm_small's lora."""
+    total = sum(b.shape[1] for b in bs)
+    rows, start = [], 0
+    for b in bs:
+        left, right = start, total - start - b.shape[1]
+        rows.append(mx.concatenate([mx.zeros((b.shape[0], left), b.dtype), b, mx.zeros((b.shape[0], right), b.dtype)],
+                                   axis=1))  # fmt: skip
+        start += b.shape[1]
+    return mx.concatenate(rows, axis=0)

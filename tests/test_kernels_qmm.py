@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from afm_mlx.kernels import dispatch, qmm, qmm_small, qmm_small_reference, quantized_linear_small
+from afm_mlx.kernels import dispatch, lora_block_diagonal, qmm, qmm_small, qmm_small_reference, quantized_linear_small
 from kernel_oracles import (
     assert_close,
     dequantize,
@@ -132,6 +132,22 @@ def test_quantized_linear_small_equals_the_layer():
         np.testing.assert_allclose(np.array(quantized_linear_small(x, dense)), np.array(dense(x)), rtol=0, atol=0)
         assert kernel_verdicts("qmm_small") == [True]
     assert_close(y, np.array(layer(x)).astype(np.float64), mx.float32, "QuantizedLinear")
+
+
+def test_multi_part_lora_through_a_block_diagonal_b():
+    """The adapters' fused-QKV LoRA (A_q | A_k | A_v side by side, one B per part) as one (A, blockdiag(B)) pair."""
+    rng = np.random.default_rng(8)
+    parts, r, k = [16, 8, 8], 3, 64
+    w, scales, biases = random_quantized(rng, sum(parts), k, 2, 32)
+    a = mx.array(rng.normal(size=(k, 3 * r)).astype(np.float32))
+    bs = [mx.array(rng.normal(size=(r, n)).astype(np.float32)) for n in parts]
+    x = mx.array(rng.normal(size=(4, k)).astype(np.float32))
+    base = qmm_oracle(x, w, scales, biases, 2, 32)
+    per_part = np.concatenate([np.array(x @ a[:, i * r:(i + 1) * r] @ b, np.float64) for i, b in enumerate(bs)], axis=1)
+    with emulated("metal"):
+        y = qmm_small(x, w, scales, biases, bits=2, group_size=32, lora=(a, lora_block_diagonal(bs), 0.5))
+        assert kernel_verdicts("qmm_small") == [True]
+    assert_close(y, base + 0.5 * per_part, mx.float32, "multi-part LoRA")
 
 
 def test_shape_errors_are_reported():
