@@ -1,7 +1,7 @@
 """Backend choice, lazy kernel construction, and the first-use self-check with fallback to the reference.
 
-- `backend()` is "metal" on Apple GPUs, "cuda" on NVIDIA GPUs, else "cpu" (also when AFM_MLX_KERNELS=0 or
-  `set_enabled(False)`): on "cpu" every entry point returns the pure-MLX reference.
+- `backend()` is "metal" on Apple GPUs, "cuda" on NVIDIA GPUs, else "cpu" (also when the default device is the
+  CPU, AFM_MLX_KERNELS=0 or `set_enabled(False)`): on "cpu" every entry point returns the pure-MLX reference.
 - Kernels are built on first use: `mx.fast.cuda_kernel` raises on a machine without CUDA, and building a Metal
   kernel JITs a library, so neither happens at import.
 - The first call for each shape class (kernel, dtype, template arguments) also runs the float32 reference and
@@ -37,9 +37,11 @@ _verdicts: dict[tuple, bool] = {}
 
 def backend() -> str:
     """'metal', 'cuda' or 'cpu': which kernel family the entry points use now."""
+    if not _enabled:
+        return "cpu"
     if _forced_backend is not None:
         return _forced_backend
-    if not _enabled:
+    if mx.default_device() == mx.cpu:  # the model runs on the CPU: no GPU kernels
         return "cpu"
     if mx.metal.is_available():
         return "metal"
