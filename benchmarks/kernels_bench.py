@@ -112,9 +112,9 @@ def bench_sweep(dtype, budget: float, batch: int) -> list[dict]:
     rows = []
     w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size=128, bits=2)
     saved = qmm.ROWS_PER_SIMDGROUP, qmm.SIMDGROUPS
-    for r, nsg in [(2, 2), (4, 2), (4, 4), (8, 2), (2, 8)]:
+    for r, nsg in [(4, 2), (8, 2), (2, 4), (4, 4)]:  # each new (R, M) pair is one more JIT compile
         qmm.ROWS_PER_SIMDGROUP, qmm.SIMDGROUPS = r, nsg
-        for m in (1, 4, 8):
+        for m in (1, 8):
             x = mx.random.normal((m, K)).astype(dtype)
             t = median_seconds(lambda: qmm_small(x, w, scales, biases, bits=2, group_size=128), budget, batch)
             rows.append(dict(kernel="qmm_small", setting=f"R={r} simdgroups={nsg}", case=f"2-bit g128 M={m}", us=t * 1e6))
