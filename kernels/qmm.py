@@ -15,7 +15,7 @@ from . import dispatch
 from .reference import qmm_small_reference
 from .tolerances import TOLERANCES
 
-MAX_ROWS = 8
+MIN_ROWS, MAX_ROWS = 1, 8  # raise MIN_ROWS to 2 where MLX's own M = 1 kernel measures faster (kernels_bench.py)
 KERNEL_BITS = (2, 4)
 KERNEL_GROUPS = (32, 64, 128)
 ROWS_PER_SIMDGROUP = 4  # output rows per SIMD-group / warp
@@ -37,7 +37,7 @@ def _check_shapes(x, w, scales, biases, bits, group_size, lora) -> None:
 
 
 def _uses_kernel(which: str, m: int, x, bits: int, group_size: int) -> bool:
-    return (which != "cpu" and 1 <= m <= MAX_ROWS and bits in KERNEL_BITS and group_size in KERNEL_GROUPS
+    return (which != "cpu" and max(MIN_ROWS, 1) <= m <= MAX_ROWS and bits in KERNEL_BITS and group_size in KERNEL_GROUPS
             and x.dtype in TOLERANCES)  # fmt: skip
 
 
