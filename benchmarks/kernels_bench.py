@@ -58,6 +58,14 @@ def median_seconds(fn, budget: float, batch: int) -> float:
     return statistics.median(samples)
 
 
+def time_qmm(x, w, scales, biases, bits: int, group_size: int, budget: float, batch: int) -> tuple[float, float]:
+    """(qmm_small, mx.quantized_matmul) seconds per call."""
+    q = dict(group_size=group_size, bits=bits)
+    ours = median_seconds(lambda: qmm_small(x, w, scales, biases, **q), budget, batch)
+    theirs = median_seconds(lambda: mx.quantized_matmul(x, w, scales, biases, transpose=True, **q), budget, batch)
+    return ours, theirs
+
+
 def bench_qmm(dtype, groups: list[int], budget: float, batch: int) -> list[dict]:
     rows = []
     for bits in (2, 4):
@@ -65,14 +73,31 @@ def bench_qmm(dtype, groups: list[int], budget: float, batch: int) -> list[dict]
             w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size=group_size, bits=bits)
             for m in range(1, 9):
                 x = mx.random.normal((m, K)).astype(dtype)
-                ours = median_seconds(lambda: qmm_small(x, w, scales, biases, bits=bits, group_size=group_size),
-                                      budget, batch)  # fmt: skip
-                theirs = median_seconds(lambda: mx.quantized_matmul(x, w, scales, biases, transpose=True,
-                                                                    group_size=group_size, bits=bits), budget, batch)  # fmt: skip
+                ours, theirs = time_qmm(x, w, scales, biases, bits, group_size, budget, batch)
                 rows.append(dict(bits=bits, group_size=group_size, M=m, kernel_us=ours * 1e6, mlx_us=theirs * 1e6))
-                print(f"qmm  {bits}-bit g{group_size} M={m}: kernel {ours * 1e6:8.1f} us   mlx {theirs * 1e6:8.1f} us",
-                      flush=True)  # fmt: skip
+                print(f"qmm  {bits}-bit g{group_size} M={m}: kernel {ours * 1e6:8.1f} us   "
+                      f"mlx {theirs * 1e6:8.1f} us", flush=True)  # fmt: skip
     return rows
+
+
+def time_attention(q, codes, kv_len: int, scales, budget: float, batch: int, dtype) -> tuple[float, float, float]:
+    """(kv_attention, dequantize + SDPA, SDPA over an already-float cache) seconds per call."""
+    (k_codes, v_codes), (k_scale, v_scale) = codes, scales
+    scale, mask = q.shape[-1] ** -0.5, "causal" if q.shape[2] > 1 else None
+    k_float, v_float = (dequantize_codes(c[:, :, :kv_len], s, dtype) for c, s in zip(codes, scales))
+    mx.eval(k_float, v_float)
+
+    def dequant_sdpa():
+        k, v = (dequantize_codes(c[:, :, :kv_len], s, dtype) for c, s in zip(codes, scales))
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def float_sdpa():
+        return mx.fast.scaled_dot_product_attention(q, k_float, v_float, scale=scale, mask=mask)
+
+    def kernel():
+        return kv_attention(q, k_codes, v_codes, k_scale, v_scale, scale=scale, kv_len=kv_len)
+
+    return tuple(median_seconds(fn, budget, batch) for fn in (kernel, dequant_sdpa, float_sdpa))
 
 
 def bench_attention(dtype, lengths: list[int], budget: float, batch: int) -> list[dict]:
@@ -80,57 +105,55 @@ def bench_attention(dtype, lengths: list[int], budget: float, batch: int) -> lis
     for name, heads, kv_heads, head_dim in ATTENTION_SHAPES:
         for kv_len in lengths:
             s_alloc = (kv_len + 255) // 256 * 256
-            codes = [mx.random.randint(-128, 128, (1, kv_heads, s_alloc, head_dim)).astype(mx.int8) for _ in range(2)]
-            k_scale, v_scale, scale = mx.array(0.02), mx.array(0.01), head_dim**-0.5
-            k_float = dequantize_codes(codes[0][:, :, :kv_len], k_scale, dtype)
-            v_float = dequantize_codes(codes[1][:, :, :kv_len], v_scale, dtype)
-            mx.eval(codes, k_float, v_float)
+            shape = (1, kv_heads, s_alloc, head_dim)
+            codes = [mx.random.randint(-128, 128, shape).astype(mx.int8) for _ in range(2)]
+            scales = mx.array(0.02), mx.array(0.01)
             for l in (1, 2, 4, 8):
                 q = mx.random.normal((1, heads, l, head_dim)).astype(dtype)
-                mask = "causal" if l > 1 else None
-
-                def dequant_sdpa():
-                    k = dequantize_codes(codes[0][:, :, :kv_len], k_scale, dtype)
-                    v = dequantize_codes(codes[1][:, :, :kv_len], v_scale, dtype)
-                    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-
-                ours = median_seconds(lambda: kv_attention(q, codes[0], codes[1], k_scale, v_scale, scale=scale,
-                                                           kv_len=kv_len), budget, batch)  # fmt: skip
-                base = median_seconds(dequant_sdpa, budget, batch)
-                floats = median_seconds(lambda: mx.fast.scaled_dot_product_attention(q, k_float, v_float, scale=scale,
-                                                                                      mask=mask), budget, batch)  # fmt: skip
+                ours, base, floats = time_attention(q, codes, kv_len, scales, budget, batch, dtype)
+                times = dict(kernel_us=ours * 1e6, dequant_sdpa_us=base * 1e6, float_sdpa_us=floats * 1e6)
                 rows.append(dict(model=name, heads=heads, kv_heads=kv_heads, head_dim=head_dim, kv_len=kv_len, L=l,
-                                 kernel_us=ours * 1e6, dequant_sdpa_us=base * 1e6, float_sdpa_us=floats * 1e6))  # fmt: skip
-                print(f"attn {name} S={kv_len} L={l}: kernel {ours * 1e6:8.1f} us   dequant+sdpa {base * 1e6:8.1f} us"
-                      f"   float sdpa {floats * 1e6:8.1f} us", flush=True)  # fmt: skip
+                                 **times))  # fmt: skip
+                print(f"attn {name} S={kv_len} L={l}: kernel {ours * 1e6:8.1f} us   dequant+sdpa {base * 1e6:8.1f} "
+                      f"us   float sdpa {floats * 1e6:8.1f} us", flush=True)  # fmt: skip
     return rows
 
 
-def bench_sweep(dtype, budget: float, batch: int) -> list[dict]:
-    """Launch shapes worth trying on a new GPU: qmm rows per SIMD-group x SIMD-groups per group (2-bit, g128), and
-    kv_attention's target number of threadgroups (which sets the split length)."""
+def sweep_qmm(dtype, budget: float, batch: int) -> list[dict]:
+    """qmm_small's rows per SIMD-group x SIMD-groups per threadgroup, 2-bit g128 (each (R, M) is one JIT compile)."""
     rows = []
     w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size=128, bits=2)
     saved = qmm.ROWS_PER_SIMDGROUP, qmm.SIMDGROUPS
-    for r, nsg in [(4, 2), (8, 2), (2, 4), (4, 4)]:  # each new (R, M) pair is one more JIT compile
-        qmm.ROWS_PER_SIMDGROUP, qmm.SIMDGROUPS = r, nsg
-        for m in (1, 8):
-            x = mx.random.normal((m, K)).astype(dtype)
-            t = median_seconds(lambda: qmm_small(x, w, scales, biases, bits=2, group_size=128), budget, batch)
-            rows.append(dict(kernel="qmm_small", setting=f"R={r} simdgroups={nsg}", case=f"2-bit g128 M={m}", us=t * 1e6))
-            print(f"sweep qmm R={r} nsg={nsg} M={m}: {t * 1e6:8.1f} us", flush=True)
-    qmm.ROWS_PER_SIMDGROUP, qmm.SIMDGROUPS = saved
+    try:
+        for r, nsg in [(4, 2), (8, 2), (2, 4), (4, 4)]:
+            qmm.ROWS_PER_SIMDGROUP, qmm.SIMDGROUPS = r, nsg
+            for m in (1, 8):
+                x = mx.random.normal((m, K)).astype(dtype)
+                t = median_seconds(lambda: qmm_small(x, w, scales, biases, bits=2, group_size=128), budget, batch)
+                rows.append(dict(kernel="qmm_small", setting=f"R={r} simdgroups={nsg}", case=f"2-bit g128 M={m}",
+                                 us=t * 1e6))  # fmt: skip
+                print(f"sweep qmm R={r} nsg={nsg} M={m}: {t * 1e6:8.1f} us", flush=True)
+    finally:
+        qmm.ROWS_PER_SIMDGROUP, qmm.SIMDGROUPS = saved
+    return rows
+
+
+def sweep_attention(dtype, budget: float, batch: int) -> list[dict]:
+    """kv_attention's target number of threadgroups (it sets the split length), AFM base shape."""
+    rows = []
     codes = [mx.random.randint(-128, 128, (1, 2, SWEEP_LENGTH, 128)).astype(mx.int8) for _ in range(2)]
-    saved_target = attention.TARGET_GROUPS
-    for target in (32, 128, 512):
-        attention.TARGET_GROUPS = target
-        for l in (1, 4, 8):
-            q = mx.random.normal((1, 16, l, 128)).astype(dtype)
-            t = median_seconds(lambda: kv_attention(q, codes[0], codes[1], 0.02, 0.01, scale=128**-0.5), budget, batch)
-            rows.append(dict(kernel="kv_attention", setting=f"target groups={target}", case=f"base S={SWEEP_LENGTH} L={l}",
-                             us=t * 1e6))  # fmt: skip
-            print(f"sweep attn target={target} L={l}: {t * 1e6:8.1f} us", flush=True)
-    attention.TARGET_GROUPS = saved_target
+    saved = attention.TARGET_GROUPS
+    try:
+        for target in (32, 128, 512):
+            attention.TARGET_GROUPS = target
+            for l in (1, 4, 8):
+                q = mx.random.normal((1, 16, l, 128)).astype(dtype)
+                t = median_seconds(lambda: kv_attention(q, *codes, 0.02, 0.01, scale=128**-0.5), budget, batch)
+                rows.append(dict(kernel="kv_attention", setting=f"target groups={target}",
+                                 case=f"base S={SWEEP_LENGTH} L={l}", us=t * 1e6))  # fmt: skip
+                print(f"sweep attn target={target} L={l}: {t * 1e6:8.1f} us", flush=True)
+    finally:
+        attention.TARGET_GROUPS = saved
     return rows
 
 
@@ -140,7 +163,7 @@ def device_label() -> tuple[str, str]:
     return backend, re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
 
 
-def markdown(meta: dict, qmm_rows: list[dict], attn_rows: list[dict], sweep_rows: list[dict]) -> str:
+def header_lines(meta: dict) -> list[str]:
     lines = [f"# Kernel benchmark: {meta['backend']} on {meta['device']}", "",
              f"mlx {meta['mlx']}, activations {meta['dtype']}, {meta['date']}, mode {meta['mode']}. "
              "Median microseconds per call (batches of calls, one eval per batch).", ""]  # fmt: skip
@@ -148,31 +171,43 @@ def markdown(meta: dict, qmm_rows: list[dict], attn_rows: list[dict], sweep_rows
         lines += ["**No Metal or CUDA here: the 'kernel' columns time the pure-MLX reference (the CPU path), "
                   "not a custom kernel.**", ""]  # fmt: skip
     failed = [k for k, ok in meta["verdicts"].items() if not ok]
-    checks = len(meta["verdicts"])
-    lines += [f"Kernel self-checks: {checks - len(failed)} of {checks} shape classes agreed with the reference"
-              + ("." if not failed else f"; FAILED (their rows time the MLX fallback): {', '.join(failed)}."), ""]
-    lines += [f"## qmm_small vs mx.quantized_matmul (K = {meta['K']}, N = {meta['N']})", "",
-              "| bits | group | M | kernel us | kernel / kernel M=1 | mlx us | mlx / mlx M=1 | kernel / mlx |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in qmm_rows:
-        first = next(x for x in qmm_rows if x["bits"] == r["bits"] and x["group_size"] == r["group_size"] and x["M"] == 1)
+    passed = len(meta["verdicts"]) - len(failed)
+    outcome = "." if not failed else f"; FAILED (their rows time the MLX fallback): {', '.join(failed)}."
+    return lines + [f"Kernel self-checks: {passed} of {len(meta['verdicts'])} shape classes agreed with the "
+                    f"reference{outcome}", ""]  # fmt: skip
+
+
+def qmm_lines(meta: dict, rows: list[dict]) -> list[str]:
+    lines = [f"## qmm_small vs mx.quantized_matmul (K = {meta['K']}, N = {meta['N']})", "",
+             "| bits | group | M | kernel us | kernel / kernel M=1 | mlx us | mlx / mlx M=1 | kernel / mlx |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    first = {(r["bits"], r["group_size"]): r for r in rows if r["M"] == 1}
+    for r in rows:
+        one = first[(r["bits"], r["group_size"])]
         lines.append(f"| {r['bits']} | {r['group_size']} | {r['M']} | {r['kernel_us']:.1f} | "
-                     f"{r['kernel_us'] / first['kernel_us']:.2f}x | {r['mlx_us']:.1f} | {r['mlx_us'] / first['mlx_us']:.2f}x | "
-                     f"{r['kernel_us'] / r['mlx_us']:.2f} |")  # fmt: skip
-    goal = [r for r in qmm_rows if r["bits"] == 2 and r["M"] in (1, 4)]
-    if len(goal) >= 2:
-        by_group = {}
-        for r in goal:
-            by_group.setdefault(r["group_size"], {})[r["M"]] = r["kernel_us"]
-        verdicts = [f"g{g}: {v[4] / v[1]:.2f}x" for g, v in by_group.items() if 1 in v and 4 in v]
-        lines += ["", f"Goal (2-bit, kernel M = 4 <= 1.3x M = 1): {', '.join(verdicts)}."]
-    lines += ["", "## kv_attention vs dequantize + SDPA", "",
-              "| model | heads / kv | head dim | S | L | kernel us | dequant+SDPA us | float-cache SDPA us | kernel / dequant+SDPA |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in attn_rows:
+                     f"{r['kernel_us'] / one['kernel_us']:.2f}x | {r['mlx_us']:.1f} | "
+                     f"{r['mlx_us'] / one['mlx_us']:.2f}x | {r['kernel_us'] / r['mlx_us']:.2f} |")  # fmt: skip
+    four = {r["group_size"]: r["kernel_us"] / first[(2, r["group_size"])]["kernel_us"]
+            for r in rows if r["bits"] == 2 and r["M"] == 4}  # fmt: skip
+    if four:
+        ratios = ", ".join(f"g{g}: {ratio:.2f}x" for g, ratio in four.items())
+        lines += ["", f"Goal (2-bit, kernel M = 4 <= 1.3x M = 1): {ratios}."]
+    return lines
+
+
+def attention_lines(rows: list[dict]) -> list[str]:
+    lines = ["## kv_attention vs dequantize + SDPA", "",
+             "| model | heads / kv | head dim | S | L | kernel us | dequant+SDPA us | float-cache SDPA us | "
+             "kernel / dequant+SDPA |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
         lines.append(f"| {r['model']} | {r['heads']} / {r['kv_heads']} | {r['head_dim']} | {r['kv_len']} | {r['L']} | "
                      f"{r['kernel_us']:.1f} | {r['dequant_sdpa_us']:.1f} | {r['float_sdpa_us']:.1f} | "
                      f"{r['kernel_us'] / r['dequant_sdpa_us']:.2f} |")  # fmt: skip
+    return lines
+
+
+def markdown(meta: dict, qmm_rows: list[dict], attn_rows: list[dict], sweep_rows: list[dict]) -> str:
+    lines = header_lines(meta) + qmm_lines(meta, qmm_rows) + [""] + attention_lines(attn_rows)
     if sweep_rows:
         lines += ["", "## Launch-shape sweep (defaults: qmm R=4 simdgroups=2, attention target groups=128)", "",
                   "| kernel | setting | case | us |", "|---|---|---|---|"]  # fmt: skip
@@ -187,7 +222,7 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(f.name, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer cache lengths, group 128 only, short timings")
@@ -195,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="activation dtype (default: the model's compute dtype for this backend)")  # fmt: skip
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep (GPU only)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<backend>-<device>)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from afm_mlx.dtypes import compute_dtype
 
     dtype = getattr(mx, args.dtype) if args.dtype else compute_dtype()
@@ -209,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     qmm_rows = bench_qmm(dtype, groups, budget, batch)
     attn_rows = bench_attention(dtype, lengths, budget, batch)
-    sweep_rows = bench_sweep(dtype, budget, batch) if backend != "cpu" and not args.no_sweep else []
-    meta = dict(backend=backend, device=device, dtype=str(dtype).removeprefix("mlx.core."), mlx=mx.__version__, K=K, N=N,
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), mode="quick" if args.quick else "full",
+    sweep = backend != "cpu" and not args.no_sweep
+    sweep_rows = sweep_qmm(dtype, budget, batch) + sweep_attention(dtype, budget, batch) if sweep else []
+    meta = dict(backend=backend, device=device, dtype=str(dtype).removeprefix("mlx.core."), mlx=mx.__version__,
+                K=K, N=N, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                mode="quick" if args.quick else "full",
                 seconds=round(time.perf_counter() - start, 1),
                 verdicts={str(k): v for k, v in dispatch.verdicts().items()})  # fmt: skip
     out = args.out or RESULTS / f"{backend}-{device}"

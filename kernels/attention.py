@@ -27,7 +27,8 @@ REDUCE_INPUTS = ["part_o", "part_m", "part_l", "v_scale", "n_splits"]
 
 def _check_shapes(q, k_codes, v_codes, kv_len: int) -> None:
     if q.ndim != 4 or k_codes.ndim != 4 or v_codes.shape != k_codes.shape:
-        raise ValueError(f"need q [B, H, L, D] and K/V codes [B, KV, S, D]; got {q.shape}, {k_codes.shape}, {v_codes.shape}")
+        shapes = f"{q.shape}, {k_codes.shape}, {v_codes.shape}"
+        raise ValueError(f"need q [B, H, L, D] and K/V codes [B, KV, S, D]; got {shapes}")
     b, h, l, d = q.shape
     kb, kv, s, kd = k_codes.shape
     if kb != b or kd != d or h % kv:

@@ -60,7 +60,8 @@ def qmm_oracle(x, w, scales, biases, bits: int, group_size: int, lora=None, dens
 def random_quantized(rng: np.random.Generator, n: int, k: int, bits: int, group_size: int, dtype=mx.float32):
     """(w uint32, scales, biases) in `dtype`, built from random codes (not through mx.quantize)."""
     q = rng.integers(0, 1 << bits, size=(n, k))
-    scales = rng.uniform(0.5, 1.5, size=(n, k // group_size)) * rng.choice([-1, 1], size=(n, k // group_size)) / (1 << bits)
+    groups = (n, k // group_size)
+    scales = rng.uniform(0.5, 1.5, size=groups) * rng.choice([-1, 1], size=groups) / (1 << bits)
     biases = rng.normal(0, 0.5, size=(n, k // group_size)) / (1 << bits)
     return (mx.array(pack_codes(q, bits)), mx.array(scales.astype(np.float32)).astype(dtype),
             mx.array(biases.astype(np.float32)).astype(dtype))

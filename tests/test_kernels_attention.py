@@ -107,7 +107,8 @@ def test_unsupported_shapes_use_the_reference():
         out = kv_attention(q, kc, vc, K_SCALE, V_SCALE, scale=0.1, kv_len=15)
         out9 = kv_attention(q9, kc9, vc9, K_SCALE, V_SCALE, scale=0.1, kv_len=15)
         assert dispatch.verdicts() == {}
-    np.testing.assert_array_equal(np.array(out), np.array(kv_attention_reference(q, kc, vc, K_SCALE, V_SCALE, scale=0.1, kv_len=15)))
+    reference = kv_attention_reference(q, kc, vc, K_SCALE, V_SCALE, scale=0.1, kv_len=15)
+    np.testing.assert_array_equal(np.array(out), np.array(reference))
     assert_close(out9, attention_oracle(q9, kc9, vc9, K_SCALE, V_SCALE, 0.1, 15), mx.float32, "9 queries")
 
 

@@ -31,17 +31,19 @@ def generated_cuda_sources() -> list[str]:
     sources = []
     for dt in FLOAT_DTYPES:
         for m, bits, gs, lora in [(4, 2, 128, True), (8, 4, 32, False)]:
-            k = cuda_kernel("afm_qmm_small", qmm.INPUTS, ["y"], dispatch.body("qmm_small", "cuda"), dispatch.header("cuda"))
+            k = cuda_kernel("afm_qmm_small", qmm.INPUTS, ["y"], dispatch.body("qmm_small", "cuda"),
+                            dispatch.header("cuda"))  # fmt: skip
             inputs = [mx.zeros((m, 256), dt), mx.zeros((8, 8 * bits), mx.uint32), mx.zeros((8, 256 // gs), dt),
                       mx.zeros((8, 256 // gs), dt), mx.zeros((m, 4)), mx.zeros((4, 8), dt), 256, 8, 4]  # fmt: skip
-            template = [("T", dt), ("S", dt), ("BT", dt), ("M", m), ("BITS", bits), ("GS", gs), ("R", 4), ("HAS_LORA", lora)]
+            template = [("T", dt), ("S", dt), ("BT", dt), ("M", m), ("BITS", bits), ("GS", gs), ("R", 4),
+                        ("HAS_LORA", lora)]  # fmt: skip
             sources.append(k.generated_source(inputs, [dt], template))
         for d, l, g in [(128, 8, 8), (32, 1, 2)]:
             nsg, rps = attention.launch_shape(g * l)
             k = cuda_kernel("afm_kv_attention_partial", attention.PARTIAL_INPUTS, attention.PARTIAL_OUTPUTS,
                             dispatch.body("kv_attention_partial", "cuda"), dispatch.header("cuda"))  # fmt: skip
-            inputs = [mx.zeros((1, 2 * g, l, d), dt), mx.zeros((1, 2, 64, d), mx.int8), mx.zeros((1, 2, 64, d), mx.int8),
-                      mx.array(0.1), 64, 64, 2, 64]  # fmt: skip
+            codes = mx.zeros((1, 2, 64, d), mx.int8)
+            inputs = [mx.zeros((1, 2 * g, l, d), dt), codes, codes, mx.array(0.1), 64, 64, 2, 64]
             template = [("T", dt), ("D", d), ("L", l), ("G", g), ("NSG", nsg), ("RPS", rps), ("CAUSAL", True)]
             sources.append(k.generated_source(inputs, [mx.float32] * 3, template))
         k = cuda_kernel("afm_kv_attention_reduce", attention.REDUCE_INPUTS, ["out"],
@@ -76,7 +78,8 @@ def test_qmm_small_on_gpu(dtype, bits):
         dense = dequantize(w, scales, biases, bits, group_size)
         lora = None
         if rank:
-            a, b = (mx.array(rng.normal(0, 0.1, shape).astype(np.float32)).astype(dtype) for shape in [(k, rank), (rank, n)])
+            shapes = [(k, rank), (rank, n)]
+            a, b = (mx.array(rng.normal(0, 0.1, s).astype(np.float32)).astype(dtype) for s in shapes)
             lora = (a, b, 2.0)
         for m in rows:
             x = mx.array(rng.normal(size=(m, k)).astype(np.float32)).astype(dtype)

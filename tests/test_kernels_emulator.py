@@ -151,7 +151,7 @@ def test_a_missing_barrier_is_caught(reverse):
     [
         ("if (thread_index_in_threadgroup < 10) return; threadgroup_barrier(mem_flags::mem_threadgroup); out[0] = 1;",
          "barrier not reached"),
-        ("float v = 1; if (thread_index_in_simdgroup < 16) v = simd_sum(v); out[thread_position_in_grid.x] = simd_max(v);",
+        ("float v = 1; if (thread_index_in_simdgroup < 16) v = simd_sum(v); out[0] = simd_max(v);",
          "different collectives"),
         ("uint i = thread_position_in_grid.x; out[i] = inp[i + 1];", "out-of-bounds access to 'inp'"),
         ("uint i = thread_position_in_grid.x; out[i + 1] = inp[i];", "out-of-bounds access to 'out'"),
@@ -169,7 +169,8 @@ def test_gpu_rule_violations_are_errors(body, message):
 def test_unwritten_outputs_are_nan_and_16_bit_floats_round_like_mlx():
     rng = np.random.default_rng(2)
     x = np.concatenate([rng.normal(size=500), [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 65504.0, 1e-6, -0.0]])
-    body = "uint i = thread_position_in_grid.x; if (i < n) { h[i] = static_cast<half>(inp[i]); b[i] = static_cast<bfloat16_t>(inp[i]); }"
+    body = ("uint i = thread_position_in_grid.x;"
+            "if (i < n) { h[i] = static_cast<half>(inp[i]); b[i] = static_cast<bfloat16_t>(inp[i]); }")
     kern = metal_emu.metal_kernel("round", ["inp", "n"], ["h", "b"], body)
     n = x.size
     h, b = kern(inputs=[mx.array(x, dtype=mx.float32), n - 1], grid=(n, 1, 1), threadgroup=(64, 1, 1),

@@ -43,7 +43,8 @@ def test_reference_matches_oracle(m, bits, group_size):
     rng = np.random.default_rng(m + bits)
     w, scales, biases = random_quantized(rng, 24, 192, bits, group_size)
     x = mx.array(rng.normal(size=(m, 192)).astype(np.float32))
-    lora = (mx.array(rng.normal(size=(192, 5)).astype(np.float32)), mx.array(rng.normal(size=(5, 24)).astype(np.float32)), 0.5)
+    a, b = (mx.array(rng.normal(size=shape).astype(np.float32)) for shape in [(192, 5), (5, 24)])
+    lora = (a, b, 0.5)
     for lo in (None, lora):
         y = qmm_small(x, w, scales, biases, bits=bits, group_size=group_size, lora=lo)  # CPU: the reference
         assert_close(y, qmm_oracle(x, w, scales, biases, bits, group_size, lo), mx.float32, "reference")
@@ -117,7 +118,8 @@ def test_leading_dims_and_unsupported_shapes():
         assert len(dispatch.verdicts()) == 1
     assert y.shape == (2, 3, 16) and y_big.shape == (3, 4, 16)
     assert_close(y, qmm_oracle(x, w4, s4, b4, 4, 32), mx.float32, "leading dims")
-    np.testing.assert_array_equal(np.array(y_big), np.array(qmm_small_reference(big, w4, s4, b4, bits=4, group_size=32)))
+    reference = qmm_small_reference(big, w4, s4, b4, bits=4, group_size=32)
+    np.testing.assert_array_equal(np.array(y_big), np.array(reference))
     np.testing.assert_array_equal(np.array(y3), np.array(mx.quantized_matmul(x, w3, s3, b3, group_size=32, bits=3)))
 
 

@@ -321,7 +321,8 @@ class EmulatedKernel:
     def cpu_source(self, text: str) -> str:
         """The generated text made compilable by g++: shim include, shared-memory views, checked pointers."""
         if self.dialect == "cuda":
-            return '#include "cuda_shim.h"\n' + cuda_pointers(rewrite_shared_arrays(text.replace(CUDA_DEFAULT_HEADER, "\n"), "__shared__"))
+            text = rewrite_shared_arrays(text.replace(CUDA_DEFAULT_HEADER, "\n"), "__shared__")
+            return '#include "cuda_shim.h"\n' + cuda_pointers(text)
         return '#include "msl_shim.h"\n' + checked_pointers(rewrite_shared_arrays(text, "threadgroup"))
 
     def run_numpy(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None):
@@ -350,7 +351,8 @@ class EmulatedKernel:
         lib = compile_shared(self.cpu_source(text) + launcher(target, len(args), call), shim)
         self._launch(lib, args, grid, threadgroup)
         self.last_reads = {a.label: a.reads for a in args if a.reads is not None}
-        return [a.buffer.data().view(STORAGE[dt]).reshape(s).copy() for a, s, dt in zip(outputs, output_shapes, out_names)]
+        results = zip(outputs, output_shapes, out_names)
+        return [a.buffer.data().view(STORAGE[dt]).reshape(s).copy() for a, s, dt in results]
 
     def _launch(self, lib, args: list[Arg], grid, threadgroup) -> None:
         n = max(len(args), 1)
