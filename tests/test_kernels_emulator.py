@@ -101,12 +101,11 @@ out[i * 9 + 8] = float(simdgroup_index_in_threadgroup * 100 + lane);
 
 
 def test_simdgroup_collectives():
-    """Full SIMD-groups of 32 and a partial one (the grid's edge group holds 20 threads)."""
+    """Full SIMD-groups of 32 and a partial one (the grid's edge group holds 20 threads); NumPy in, NumPy out."""
     n = 84  # groups of 64: [0, 64) and an edge group of 20 -> SIMD-groups of 32, 32, 20
     x = np.random.default_rng(0).permutation(n).astype(np.float32)
     kern = metal_emu.metal_kernel("coll", ["inp"], ["out"], COLLECTIVES)
-    out = np.array(kern(inputs=[mx.array(x)], grid=(n, 1, 1), threadgroup=(64, 1, 1), output_shapes=[(n * 9,)],
-                        output_dtypes=[mx.float32])[0]).reshape(n, 9)  # fmt: skip
+    (out,) = kern.run_numpy([x], [(n, 9)], [np.float32], grid=(n, 1, 1), threadgroup=(64, 1, 1))  # NumPy in and out
     for start, width in [(0, 32), (32, 32), (64, 20)]:
         v = x[start : start + width]
         lanes = np.arange(width)
