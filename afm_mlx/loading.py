@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .dtypes import compute_dtype
 from .errors import AFMError
 from .model import Model, ModelArgs
@@ -61,6 +62,7 @@ def apply_quantization(model: nn.Module, quantization: dict | None, weights: dic
 
     nn.quantize(model, group_size=quantization.get("group_size", 64), bits=quantization.get("bits", 4),
                 class_predicate=predicate)
+    kernels.use_small_batch_kernels(model)  # decode/verify matmuls read each weight byte once on GPUs
 
 
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import KVCache
 from .errors import AFMError
 
@@ -127,8 +128,8 @@ class Attention(nn.Module):
         return mx.fast.rope(x, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset,
                             freqs=self._periods)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """x [B, L, hidden] -> (out [B, L, hidden], full K/V history [B, KV, S, D] in compute dtype)."""
+    def __call__(self, x: mx.array, cache: KVCache) -> tuple[mx.array, "KVHistory"]:
+        """x [B, L, hidden] -> (out [B, L, hidden], this layer's K/V history, for the reuse layers)."""
         B, L, _ = x.shape
         q, k, v = mx.split(self.qkv_proj(x), self.split_at, axis=-1)
         q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -136,18 +137,46 @@ class Attention(nn.Module):
         v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = self.q_norm(self.rope(q, cache.offset))  # RoPE before the norm, as in tamm
         k = self.k_norm(self.rope(k, cache.offset))
+        scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
         if self.kv_quant:
-            k, v = int8_codes(k, self.quant_key_scale), int8_codes(v, self.quant_value_scale)
-        keys, values = cache.update_and_fetch(k, v)
-        if self.kv_quant:
-            keys = dequantize_int8(keys, self.quant_key_scale, x.dtype)
-            values = dequantize_int8(values, self.quant_value_scale, x.dtype)
-        out = attend(q, keys, values, self.scale)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
+            k, v = int8_codes(k, scales[0]), int8_codes(v, scales[1])
+        cache.update_and_fetch(k, v)
+        kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
+        out = attend(q, kv, self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), kv
 
 
-def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
-    """Causal GQA attention of the last L positions against S keys (lower-right aligned mask)."""
+class KVHistory:
+    """A regular layer's K/V after this step: whole cache buffers [B, KV, S_alloc, D] with `length` valid.
+
+    Int8 codes with scalar scales under kv-quant (the GPU kernels read them directly), floats otherwise. The
+    float view is dequantised once and shared by every layer that attends to it (all the reuse layers).
+    """
+
+    def __init__(self, keys, values, key_scale, value_scale, length: int):
+        self.keys, self.values, self.key_scale, self.value_scale = keys, values, key_scale, value_scale
+        self.length = length
+        self._floats = None
+
+    def floats(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        if self._floats is None:
+            k, v = self.keys[..., :self.length, :], self.values[..., :self.length, :]
+            if self.key_scale is not None:
+                k, v = dequantize_int8(k, self.key_scale, dtype), dequantize_int8(v, self.value_scale, dtype)
+            self._floats = (k, v)
+        return self._floats
+
+
+def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
+    """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
+
+    On a GPU, int8 histories go to the kernel that reads the codes; otherwise dequantise + SDPA, whose
+    "causal" mask is lower-right aligned.
+    """
+    if kv.key_scale is not None and kernels.backend() != "cpu":
+        return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
+                                    kv_len=kv.length)
+    keys, values = kv.floats(q.dtype)
     mask = "causal" if q.shape[2] > 1 else None
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
 
@@ -164,13 +193,13 @@ class KVReuseAttention(nn.Module):
         self._periods = rope_periods(self.head_dim, args.rope_theta)
         self.scale = self.head_dim**-0.5
 
-    def __call__(self, x: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, kv: KVHistory) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        offset = keys.shape[2] - L  # the L queries are the last L of the S cached positions
+        offset = kv.length - L  # the L queries are the last L of the cached positions
         q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset,
                          freqs=self._periods)
-        out = attend(self.q_norm(q), keys, values, self.scale)
+        out = attend(self.q_norm(q), kv, self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -207,8 +236,8 @@ class KVReuseTransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, keys: mx.array, values: mx.array) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), keys, values)
+    def __call__(self, x: mx.array, kv: KVHistory) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), kv)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -227,10 +256,18 @@ class AFMModel(nn.Module):
             h, kv = layer(h, layer_cache)
         return h, kv
 
-    def reuse(self, h: mx.array, kv: tuple[mx.array, mx.array]) -> mx.array:
+    def reuse(self, h: mx.array, kv: KVHistory) -> mx.array:
         for layer in self.kv_reuse_layers:
-            h = layer(h, *kv)
+            h = layer(h, kv)
         return self.output_norm(h)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Tied output head: h @ embedding^T (few-row quantized heads go through the small-M kernel)."""
+        emb = self.embedding
+        if isinstance(emb, nn.QuantizedEmbedding) and emb.mode == "affine":
+            return kernels.qmm_small(h, emb.weight, emb.scales, emb.biases, bits=emb.bits,
+                                     group_size=emb.group_size)
+        return emb.as_linear(h)
 
 
 class Model(nn.Module):
@@ -253,7 +290,7 @@ class Model(nn.Module):
         h, kv = self.model.regular(tokens, cache)
         if num_logits is not None:
             h = h[:, -num_logits:]
-        return self.model.embedding.as_linear(self.model.reuse(h, kv))
+        return self.model.head(self.model.reuse(h, kv))
 
     def prefill(self, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> None:
         """Fill the caches with `tokens` [B, L] through the regular layers only, chunk by chunk.

@@ -121,3 +121,27 @@ def lora_block_diagonal(bs: list[mx.array]) -> mx.array:
                                    axis=1))  # fmt: skip
         start += b.shape[1]
     return mx.concatenate(rows, axis=0)
+
+
+class SmallBatchQuantizedLinear(nn.QuantizedLinear):
+    """An affine nn.QuantizedLinear whose few-row calls (decode, verification) go through qmm_small.
+
+    Same parameters and names as its base class; on the CPU, and for more than MAX_ROWS rows, it computes
+    exactly what nn.QuantizedLinear does (mx.quantized_matmul).
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return quantized_linear_small(x, self)
+
+
+def use_small_batch_kernels(model: nn.Module) -> int:
+    """Make every affine QuantizedLinear of `model` a SmallBatchQuantizedLinear; returns how many.
+
+    The class is swapped in place (parameters untouched), so this runs after loading, before adapters wrap.
+    """
+    swapped = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear and module.mode == "affine":
+            module.__class__ = SmallBatchQuantizedLinear
+            swapped += 1
+    return swapped

@@ -1,11 +1,9 @@
 """The model's logits with the kernels equal those without, through the emulated Metal kernels on a tiny 2-bit
 quantized config (head dim 32, GQA 2) with int8 K/V: prefill (reference path), decode (L = 1), verify (L = 4, 8).
 
-Until afm_mlx.model calls afm_mlx.kernels itself, test-only hooks route its quantized linears and its attention
-through the kernels' entry points:
-- nn.QuantizedLinear.__call__ / QuantizedEmbedding.as_linear -> quantized_linear_small / qmm_small;
-- the model's dequantize_int8 remembers which int8 codes and scale produced each dequantized K/V array, and its
-  attend() then calls kv_attention on those codes (regular and KV-reuse layers alike).
+The model routes its quantized linears (SmallBatchQuantizedLinear), its quantized head (Model.head) and its
+int8 attention (model.attend, regular and KV-reuse layers) through afm_mlx.kernels whenever the kernel backend
+is not the CPU; `emulated("metal")` makes the backend Metal, run by the CPU emulator.
 """
 
 from __future__ import annotations
@@ -17,8 +15,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import afm_mlx.model as model_module
-from afm_mlx.kernels import kv_attention, qmm_small, quantized_linear_small
+from afm_mlx import kernels
 from afm_mlx.presets import tiny_base
 from kernel_oracles import assert_close, emulated, kernel_verdicts
 from toolkit_fixtures import mlx_model_from_toolkit, toolkit_weights
@@ -30,33 +27,9 @@ def quantized_tiny_model():
     model = mlx_model_from_toolkit(toolkit_weights(tiny_base(hidden_dim=128, num_heads=4, num_kv_heads=2), seed=3))
     nn.quantize(model, group_size=32, bits=2, class_predicate=lambda p, m: isinstance(m, nn.Linear))
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
+    args = model.args  # five projections in every regular (qkv, out, gate, up, down) and reuse layer
+    assert kernels.use_small_batch_kernels(model) == 5 * (args.num_regular_layers + args.num_kv_reuse_layers)
     return model
-
-
-def route_model_through_kernels(monkeypatch) -> None:
-    """Test-only stand-in for the lead's wiring (see the module docstring)."""
-    monkeypatch.setattr(nn.QuantizedLinear, "__call__", lambda self, x: quantized_linear_small(x, self))
-
-    def head(self, x):
-        return qmm_small(x, self.weight, self.scales, self.biases, bits=self.bits, group_size=self.group_size)
-
-    monkeypatch.setattr(nn.QuantizedEmbedding, "as_linear", head)
-    codes_of: dict[int, tuple] = {}
-    dequantize, attend = model_module.dequantize_int8, model_module.attend
-
-    def remembering_dequantize(codes, scale, dtype):
-        out = dequantize(codes, scale, dtype)
-        codes_of[id(out)] = (out, codes, scale)  # keep `out` alive so its id is not reused
-        return out
-
-    def attend_on_codes(q, keys, values, scale):
-        if id(keys) not in codes_of or id(values) not in codes_of:
-            return attend(q, keys, values, scale)
-        (_, k_codes, k_scale), (_, v_codes, v_scale) = codes_of[id(keys)], codes_of[id(values)]
-        return kv_attention(q, k_codes, v_codes, k_scale, v_scale, scale=scale)
-
-    monkeypatch.setattr(model_module, "dequantize_int8", remembering_dequantize)
-    monkeypatch.setattr(model_module, "attend", attend_on_codes)
 
 
 def run_steps(model) -> list[np.ndarray]:
@@ -71,10 +44,9 @@ def run_steps(model) -> list[np.ndarray]:
     return [np.array(x) for x in logits]
 
 
-def test_model_logits_with_kernels_equal_without(monkeypatch):
+def test_model_logits_with_kernels_equal_without():
     model = quantized_tiny_model()
     without = run_steps(model)
-    route_model_through_kernels(monkeypatch)
     with emulated("metal"), warnings.catch_warnings():
         warnings.simplefilter("error")  # no kernel may fail its self-check and fall back
         with_kernels = run_steps(model)
@@ -87,20 +59,19 @@ def test_model_logits_with_kernels_equal_without(monkeypatch):
         assert_close(a, b.astype(np.float64), mx.float32, f"step {step}")
 
 
-def test_the_hooks_reach_every_attention(monkeypatch):
-    """Guards the test above: the hooked attend sees the int8 codes of every regular and reuse layer."""
+def test_every_attention_reads_int8_codes(monkeypatch):
+    """Guards the test above: with a GPU backend, every regular and reuse layer attends through the kernel."""
     model = quantized_tiny_model()
-    route_model_through_kernels(monkeypatch)
     calls = []
-    original = kv_attention
+    original = kernels.kv_attention
 
     def counting(*args, **kw):
         calls.append(args[1].dtype)
         return original(*args, **kw)
 
-    monkeypatch.setitem(globals(), "kv_attention", counting)
-    cache = model.make_cache()
-    model(mx.array(TOKENS[:5])[None], cache)
+    monkeypatch.setattr(kernels, "kv_attention", counting)
+    with emulated("metal"):
+        model(mx.array(TOKENS[:5])[None], model.make_cache())
     layers = model.args.num_regular_layers + model.args.num_kv_reuse_layers
     assert calls == [mx.int8] * layers
 
