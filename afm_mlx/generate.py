@@ -130,7 +130,7 @@ def plain_decode(model: Model, cache: list[KVCache], history: list[int], params:
         logits = model(x, cache, num_logits=1)[:, -1]
         if recent is not None:
             logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
-        token, _ = sample_token(logits, params, keys.next())
+        token, _ = sample_token(logits, params, None if params.greedy else keys.next())
         if recent is not None:
             recent = mx.concatenate([recent[:, 1:], token[:, None]], axis=1)
         return token

@@ -51,6 +51,7 @@ def propose(draft: Model, cache: list[KVCache], pending: mx.array, k: int, param
         if recent is not None:
             logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
         token, q = sample_token(logits, params, keys[i])
+        mx.async_eval(token if params.greedy else (token, q))  # the device starts while the next step is built
         tokens.append(token)
         dists.append(q)
         x = token[:, None]
@@ -207,7 +208,8 @@ class SpeculativeDecoder:
     def start(self, history: list[int]):
         """Queue one round for the sequence `history` (lazy, async); `finish` syncs it."""
         k, timed = self.draft_length.k, self.timer.is_timed(self.rounds)
-        keys = self.keys.split(k + 2)
+        # Greedy draws nothing; unused keys would only lengthen the lazy key chain.
+        keys = [None] * (k + 2) if self.params.greedy else self.keys.split(k + 2)
         recent = self._recent(history)
         pending = mx.array([history[self.draft_cache[0].offset:]], dtype=mx.int32)
         t0 = time.perf_counter()
@@ -232,6 +234,8 @@ class SpeculativeDecoder:
         rollback(self.base_cache, keep)
         rollback(self.draft_cache, keep)
         self.rounds += 1
+        if self.rounds % 64 == 0:
+            mx.clear_cache()
         self.stats.record_round(k, n, n + 1)
         self.draft_length.update(k, n, self.timer.cost_ratio)
         return emitted
