@@ -24,7 +24,6 @@ thousands of independent rows at once.
 
 from __future__ import annotations
 
-import math
 import time
 
 import mlx.core as mx
@@ -184,9 +183,12 @@ class RoundTimer:
             return None
         return self._draft_step_s / self._verify_step_s
 
-    def split(self, total_s: float) -> tuple[float, float]:
+    def split(self, total_s: float) -> tuple[float | None, float | None]:
+        """(draft, verify) seconds of total_s; None before any round was timed (fewer than two rounds)."""
         measured = self.draft_s + self.verify_s
-        share = self.draft_s / measured if measured > 0 else math.nan
+        if measured <= 0:
+            return None, None
+        share = self.draft_s / measured
         return total_s * share, total_s * (1.0 - share)
 
 

@@ -24,8 +24,8 @@ class SpeculativeStats:
     emitted: int = 0  # tokens the rounds produced (accepted + one correction or bonus per round)
     proposed_by_position: list[int] = field(default_factory=list)  # [i]: rounds that proposed a token at slot i
     accepted_by_position: list[int] = field(default_factory=list)  # [i]: rounds whose slot-i token was accepted
-    draft_s: float = 0.0  # estimated, see `speculative.RoundTimer`
-    verify_s: float = 0.0
+    draft_s: float | None = None  # decode time split by the shares measured on timed rounds
+    verify_s: float | None = None  # (see `speculative.RoundTimer`); None when no round was timed
 
     @property
     def acceptance_rate(self) -> float:
@@ -93,6 +93,7 @@ class GenerationStats:
                 f"({spec.acceptance_rate:.1%}), {spec.tokens_per_step:.2f} tokens per verify step "
                 f"over {spec.rounds} steps",
                 f"acceptance by draft position: {by_position}",
-                f"time: draft {spec.draft_s:.3f} s, verify {spec.verify_s:.3f} s (estimated)",
             ]
+            if spec.draft_s is not None:
+                lines.append(f"time: draft {spec.draft_s:.3f} s, verify {spec.verify_s:.3f} s (estimated)")
         return "\n".join(lines)

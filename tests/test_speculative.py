@@ -208,7 +208,8 @@ def test_speculative_sampling_follows_base_distribution(small, filters):
         rows = (num_accepted >= 1) & (tokens[:, 0] == a)
         if rows.sum() < 500:
             continue
-        stat, dof = _chi_square(np.bincount(tokens[rows, 1], minlength=V), _next_token_probs(base, SHORT_PROMPT + [int(a)], params))
+        p2 = _next_token_probs(base, SHORT_PROMPT + [int(a)], params)
+        stat, dof = _chi_square(np.bincount(tokens[rows, 1], minlength=V), p2)
         total_stat, total_dof = total_stat + stat, total_dof + dof
     assert total_dof > 0 and chi2.sf(total_stat, total_dof) > 1e-3
 
