@@ -155,15 +155,25 @@ class Workload:
         return passage[:length]
 
 
+def own_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """The model's own parameters, flattened: a draft attached by `load()` as `model.draft` is a child module in
+    MLX's tree, but it is a separate model here."""
+    return [(k, a) for k, a in tree_flatten(model.parameters()) if not k.startswith("draft.")]
+
+
+def own_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(p, m) for p, m in model.named_modules() if p != "draft" and not p.startswith("draft.")]
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Resident bytes of a model's parameters (quantized codes, scales and biases, norms, kv scales)."""
-    return sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    return sum(a.nbytes for _, a in own_parameters(model))
 
 
 def parameter_bytes_16bit(model: nn.Module) -> int:
     """Resident bytes if every float parameter were 16-bit (the GPU dtype policy; the CPU keeps float32 scales)."""
     total = 0
-    for name, a in tree_flatten(model.parameters()):
+    for name, a in own_parameters(model):
         half = mx.issubdtype(a.dtype, mx.floating) and not name.endswith(("quant_key_scale", "quant_value_scale"))
         total += a.size * 2 if half else a.nbytes
     return total
@@ -171,11 +181,11 @@ def parameter_bytes_16bit(model: nn.Module) -> int:
 
 def describe_weights(model: Model) -> dict[str, Any]:
     quantized = {}
-    for path, module in model.named_modules():
+    for path, module in own_modules(model):
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             quantized[f"{module.bits}-bit g{module.group_size}"] = quantized.get(
                 f"{module.bits}-bit g{module.group_size}", 0) + 1
-    dtypes = sorted({str(a.dtype).replace("mlx.core.", "") for _, a in tree_flatten(model.parameters())})
+    dtypes = sorted({str(a.dtype).replace("mlx.core.", "") for _, a in own_parameters(model)})
     return {"config": model.args.to_dict(), "resident_bytes": parameter_bytes(model),
             "quantized_modules": quantized or "none (float weights)", "dtypes": dtypes}
 
@@ -434,7 +444,7 @@ class AfmEngine:
         self.model, self.draft, self.tokenizer = model, draft, _NoStopTokenizer(vocab_size)
 
     def run(self, prompt: list[int], max_tokens: int, temperature: float, k: int | None, seed: int) -> Run:
-        from .generate import stream_generate
+        from .generation import stream_generate
 
         stats: list = []
 
@@ -496,7 +506,7 @@ def mlx_lm_mirror(model: Model) -> nn.Module:
     from mlx_lm.models import afm7
 
     theirs = afm7.Model(afm7.ModelArgs.from_dict(model.args.to_dict()))
-    ours = dict(model.named_modules())
+    ours = dict(own_modules(model))
 
     def same_quantization(path: str, module: nn.Module):
         mine = ours.get(path)
@@ -511,7 +521,7 @@ def mlx_lm_mirror(model: Model) -> nn.Module:
             for name in ("quant_key_scale", "quant_value_scale"):
                 layer.self_attn.pop(name)
                 setattr(layer.self_attn, name, None)
-    theirs.load_weights(tree_flatten(model.parameters()), strict=True)
+    theirs.load_weights(own_parameters(model), strict=True)
     theirs.eval()
     return theirs
 

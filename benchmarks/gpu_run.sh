@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The benchmark on an NVIDIA GPU with MLX's CUDA backend, sized for ~5 minutes of device time:
+#   1. demo family, every metric (prefill at 32/128/512, decode, k = 1..8 at T = 0 and 0.7, adapter), 3 trials;
+#   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2..4
+#      at T = 0, adapter, 3 trials.
+# Results: $OUT/gpu_results.tar.gz (benchmarks/results/<backend>-<device>/...: JSON, markdown, PNGs), plus the
+# two markdown tables and the log as loose files (the device tool returns at most 8 files from $OUT).
+# Unpack here with:  tar xzf gpu_results.tar.gz -C benchmarks/results && python benchmarks/run_bench.py readme
+#
+# MLX's CUDA build is not on the device image and its wheel (90 MB) is larger than one call may carry, so it
+# travels split, as the git-ignored folders .whl1/ (mlx, mlx-lm, part_aa) and .whl2/ (part_ab, part_ac):
+#   call 1: carry [".whl1"], command `bash benchmarks/gpu_run.sh`  -> stashes the parts in /tmp/afm_whl, exits 3
+#   call 2: carry [".whl2"], same command (machine still warm)      -> joins, installs, benchmarks
+# Make the folders here with `bash benchmarks/gpu_run.sh --fetch-wheels` (pip download + split).
+# Every stage has its own time limit, so a slow stage costs its result, not the whole run.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STASH=/tmp/afm_whl
+CUDA_WHEEL=mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+CUDA_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
+OUT_DIR=${OUT:-benchmarks/results/gpu-run}
+DEMO_LIMIT=${DEMO_LIMIT:-170}
+FULL_LIMIT=${FULL_LIMIT:-150}
+DEMO_ARGS=${DEMO_ARGS:---trials 3}
+FULL_ARGS=${FULL_ARGS:---no-demo --full}
+
+fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts
+  local tmp; tmp=$(mktemp -d)
+  local platforms="--platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
+    -d "$tmp" mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 || exit 1
+  mkdir -p .whl1 .whl2
+  cp "$tmp"/mlx-0.32.4-*.whl "$tmp"/mlx_lm-0.32.2-*.whl .whl1/
+  (cd "$tmp" && split -b 40M "$CUDA_WHEEL" part_)
+  mv "$tmp"/part_aa .whl1/ && mv "$tmp"/part_a[b-z] .whl2/
+  grep -qx '/.whl1/' .git/info/exclude || printf '/.whl1/\n/.whl2/\n' >> .git/info/exclude
+  rm -rf "$tmp"
+  du -sh .whl1 .whl2
+}
+
+install_mlx_cuda() {
+  mkdir -p "$STASH"
+  cp -n .whl1/* .whl2/* "$STASH"/ 2>/dev/null
+  local missing=""
+  for f in part_aa part_ab part_ac; do [ -f "$STASH/$f" ] || missing="$missing $f"; done
+  ls "$STASH"/mlx-0.32.4-*.whl "$STASH"/mlx_lm-0.32.2-*.whl >/dev/null 2>&1 || missing="$missing mlx/mlx-lm wheels"
+  if [ -n "$missing" ]; then
+    echo "MLX CUDA wheel parts stashed in $STASH; still missing:$missing -> run again carrying the other .whl folder"
+    exit 3
+  fi
+  cat "$STASH"/part_a? > "$STASH/$CUDA_WHEEL"
+  echo "$CUDA_SHA256  $STASH/$CUDA_WHEEL" | sha256sum -c --quiet || { echo "joined wheel is corrupt"; exit 4; }
+  # One pip call for all three: mlx and mlx-cuda-13 both fill the mlx/ package directory.
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$STASH"/mlx-0.32.4-*.whl "$STASH/$CUDA_WHEEL" "$STASH"/mlx_lm-0.32.2-*.whl || exit 4
+}
+
+use_repo_package() {  # afm_mlx.kernels / afm_mlx.converters live at the top of the repo (pyproject maps them)
+  if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1; then
+    ln -sfn ../kernels afm_mlx/kernels && ln -sfn ../converters afm_mlx/converters
+  fi
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+if [ "${1:-}" = "--fetch-wheels" ]; then fetch_wheels; exit 0; fi
+export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# AFM_GPU_RUN_REHEARSAL=1: run the same flow with whatever MLX is installed (e.g. the CPU backend, here).
+if [ -z "${AFM_GPU_RUN_REHEARSAL:-}" ] && ! $PY -c "import mlx.core as mx, mlx_lm; assert mx.cuda.is_available()" 2>/dev/null; then
+  install_mlx_cuda
+fi
+use_repo_package
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_run.log"
+RESULTS=$(mktemp -d)/results
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv
+  $PY -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device(), mx.device_info())" || exit 5
+  if [ -f afm_mlx/demo_model/config.json ]; then
+    echo "== demo family (limit ${DEMO_LIMIT}s)"
+    timeout "$DEMO_LIMIT" $PY benchmarks/run_bench.py $DEMO_ARGS --out "$RESULTS/_machine_"
+  else
+    echo "== demo family skipped: afm_mlx/demo_model is not in this checkout"
+  fi
+  echo "== full size, synthetic weights (limit ${FULL_LIMIT}s)"
+  timeout "$FULL_LIMIT" $PY benchmarks/run_bench.py $FULL_ARGS --out "$RESULTS/_machine_"
+} 2>&1 | tee "$LOG"
+# Name the results folder after the machine, as afm-mlx bench would by default.
+SLUG=$($PY -c "from afm_mlx.bench import machine_info, machine_slug; print(machine_slug(machine_info()))")
+if [ -d "$RESULTS/_machine_" ]; then
+  mv "$RESULTS/_machine_" "$RESULTS/$SLUG"
+  tar czf "$OUT_DIR/gpu_results.tar.gz" -C "$RESULTS" "$SLUG"
+  cp "$RESULTS/$SLUG"/*.md "$OUT_DIR"/ 2>/dev/null
+fi
+ls -la "$OUT_DIR"
