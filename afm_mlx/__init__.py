@@ -16,8 +16,8 @@ _EXPORTS = {
     "KVCache": "afm_mlx.cache",
     "AFMError": "afm_mlx.errors",
     "convert": "afm_mlx.converters",
-    "generate": "afm_mlx.generate",
-    "stream_generate": "afm_mlx.generate",
+    "generate": "afm_mlx.generation",
+    "stream_generate": "afm_mlx.generation",
 }
 
 

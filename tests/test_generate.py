@@ -6,7 +6,7 @@ import pytest
 
 import afm_mlx
 from afm_mlx.errors import AFMError
-from afm_mlx.generate import (
+from afm_mlx.generation import (
     ChatSession,
     PromptCache,
     StopStrings,
@@ -266,7 +266,7 @@ def test_prompt_forms_and_default_draft(model, draft, tok):
     finally:
         del model.draft
     assert afm_mlx.stream_generate is stream_generate
-    for _ in range(2):  # also once the submodule afm_mlx.generate is imported (it is, by this file)
+    for _ in range(2):  # the function, also after the submodule afm_mlx.generation is imported (by this file)
         assert afm_mlx.generate(model, tok, PROMPT, max_tokens=3).tokens == generate(model, tok, PROMPT,
                                                                                      max_tokens=3).tokens
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import chi2, chisquare
 
 from afm_mlx.errors import AFMError
-from afm_mlx.generate import PromptCache, plain_decode, resolve_draft, speculative_decode
+from afm_mlx.generation import PromptCache, plain_decode, resolve_draft, speculative_decode
 from afm_mlx.sampling import RandomKeys, SamplingParams, filtered_probs
 from afm_mlx.speculative import (
     DraftLength,

@@ -14,9 +14,7 @@ generate.py samples at temperature 1.0 with top-k 50: pass those to get its beha
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -520,15 +518,3 @@ def run_chat(*, model_dir, draft_dir, no_draft: bool, show_stats: bool, system: 
     if interactive:
         err.write("Chat with the model: one message per line; /reset starts over, /exit or Ctrl-D leaves.\n")
     chat_loop(session, iter(stdin.readline, ""), out, err, show_stats, interactive)
-
-
-class _CallableModule(types.ModuleType):
-    """`afm_mlx.generate` is both this module and the function: importing the submodule binds the package
-    attribute to the module (after which the package's lazy __getattr__ is never asked again), so the module
-    itself forwards calls to generate()."""
-
-    def __call__(self, *args, **kwargs) -> GenerationResult:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
