@@ -197,28 +197,27 @@ def random_passages(vocab_size: int, count: int, length: int, seed: int) -> list
     return [rng.integers(low, vocab_size, size=length).tolist() for _ in range(count)]
 
 
-def text_passages(tokenizer, texts: list[str], min_length: int, count: int) -> list[list[int]]:
-    """Prompts from real text: `[eos] + ids` of consecutive paragraphs, joined until min_length tokens.
+def text_passages(tokenizer, groups: list[list[str]], min_length: int, count: int) -> list[list[int]]:
+    """Prompts from real text: `[eos] + ids` of consecutive paragraphs of one group (e.g. one novel), joined until
+    min_length tokens; passages never overlap and are taken round-robin over the groups (trial i, i+1 differ)."""
+    per_group = []
+    for texts in groups:
+        passages, current = [], [tokenizer.eos_id]
+        for text in texts:
+            current += tokenizer.encode(text.strip() + "\n", dummy_prefix=False)
+            if len(current) >= min_length:
+                passages.append(current)
+                current = [tokenizer.eos_id]
+        per_group.append(passages)
+    ordered = [p for i in range(max(map(len, per_group), default=0)) for g in per_group if i < len(g) for p in [g[i]]]
+    if not ordered:
+        raise AFMError(f"the prompt texts hold no passage of {min_length} tokens: give longer texts (--prompts)")
+    return ordered[:count]
 
-    Each passage starts at a paragraph boundary and uses its own paragraphs, so prompts do not overlap.
-    """
-    passages, current = [], [tokenizer.eos_id]
-    for text in texts:
-        ids = tokenizer.encode(text.strip() + "\n", dummy_prefix=False)
-        current += ids
-        if len(current) >= min_length:
-            passages.append(current)
-            current = [tokenizer.eos_id]
-            if len(passages) == count:
-                break
-    if not passages:
-        raise AFMError(f"the prompt texts hold fewer than {min_length} tokens: give longer texts (--prompts)")
-    return passages
 
-
-def read_prompt_texts(path: str | Path) -> list[str]:
-    """Texts from a .txt (passages separated by blank lines) or a .json file (a list of strings, or a dict whose
-    values are lists of strings, e.g. {"held_out": {"emma": [...], ...}}), in file order."""
+def read_prompt_texts(path: str | Path) -> list[list[str]]:
+    """Groups of paragraphs from a .txt file (paragraphs separated by blank lines: one group) or a .json file (a
+    list of strings: one group; a dict of lists, e.g. {"held_out": {"emma": [...], ...}}: one group per list)."""
     path = Path(path)
     if not path.is_file():
         raise AFMError(f"prompt file not found: {path}")
@@ -227,44 +226,40 @@ def read_prompt_texts(path: str | Path) -> list[str]:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise AFMError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-        texts = list(_strings(data))
+        groups = _groups(data)
     else:
-        texts = [p.strip() for p in re.split(r"\n\s*\n", path.read_text()) if p.strip()]
-    if not texts:
+        groups = [[p.strip() for p in re.split(r"\n\s*\n", path.read_text()) if p.strip()]]
+    groups = [g for g in groups if g]
+    if not groups:
         raise AFMError(f"{path}: no prompt texts found")
-    return texts
+    return groups
 
 
-def _strings(data) -> Iterator[str]:
-    if isinstance(data, str):
-        yield data
-    elif isinstance(data, dict):
+def _groups(data) -> list[list[str]]:
+    if isinstance(data, dict):
         for key in ("held_out", "prompts", "texts"):
             if key in data:
-                yield from _strings(data[key])
-                return
-        for value in data.values():
-            yield from _strings(value)
-    elif isinstance(data, list):
-        for value in data:
-            yield from _strings(value.get("text", "") if isinstance(value, dict) else value)
+                return _groups(data[key])
+        return [g for value in data.values() for g in _groups(value)]
+    if isinstance(data, list) and all(isinstance(x, str) for x in data):
+        return [data]
+    if isinstance(data, list):
+        return [[x.get("text", "") if isinstance(x, dict) else str(x) for x in data]]
+    return [[data]] if isinstance(data, str) else []
 
 
-HELD_OUT_CANDIDATES = ["benchmarks/demo/held_out_prompts.json", "benchmarks/demo/held_out.json",
-                       "benchmarks/demo/held_out.txt", "benchmarks/demo/work/full/corpus.json",
+# Real text the demo family never trained on: the demo build's own held-out file if it writes one, else the
+# committed extract of the same split (benchmarks/prompts_held_out.json), else the build's corpus.
+HELD_OUT_CANDIDATES = ["benchmarks/prompts_held_out.json", "benchmarks/demo/work/corpus.json",
                        "benchmarks/demo/work/smoke/corpus.json"]
 
 
-def find_held_out_texts() -> tuple[list[str], str]:
-    """The demo family's held-out text (never trained on): the file the demo build writes, else its corpus."""
+def find_held_out_texts() -> tuple[list[list[str]], str]:
     found = sorted(REPO_ROOT.glob("benchmarks/demo/held_out*"))
     for path in found + [REPO_ROOT / c for c in HELD_OUT_CANDIDATES]:
         if path.is_file():
-            data = json.loads(path.read_text()) if path.suffix == ".json" else None
-            texts = list(_strings(data["held_out"])) if isinstance(data, dict) and "held_out" in data else \
-                read_prompt_texts(path)
-            return texts, str(path.relative_to(REPO_ROOT))
-    raise AFMError("no held-out demo text found (benchmarks/demo/held_out*); pass --prompts FILE")
+            return read_prompt_texts(path), str(path.relative_to(REPO_ROOT))
+    raise AFMError("no held-out demo text found (benchmarks/prompts_held_out.json); pass --prompts FILE")
 
 
 def demo_workload(path: str | Path | None = None, prompts: str | Path | None = None, max_length: int = 512,
@@ -277,8 +272,8 @@ def demo_workload(path: str | Path | None = None, prompts: str | Path | None = N
         raise AFMError(f"model directory not found or incomplete: {root} (the demo model ships in "
                        "afm_mlx/demo_model once built; or pass --model DIR)")
     model, tokenizer = load(root, draft=True if (root / "draft").is_dir() else None)
-    texts, source = (read_prompt_texts(prompts), str(prompts)) if prompts else find_held_out_texts()
-    passages = text_passages(tokenizer, texts, max_length, count)
+    groups, source = (read_prompt_texts(prompts), str(prompts)) if prompts else find_held_out_texts()
+    passages = text_passages(tokenizer, groups, max_length, count)
     name = "demo" if path is None else root.name
     return Workload(name=name, description=f"{'demo family' if path is None else root}: base + draft, real text",
                     model=model, draft=model.draft, passages=passages, prompt_source=source,
