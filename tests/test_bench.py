@@ -141,3 +141,30 @@ def test_bandwidth_table_and_bytes_per_token():
 def test_parse_lists():
     assert bench.parse_ints("1-4,8", "--ks") == [1, 2, 3, 4, 8]
     assert bench.parse_floats("0,0.7", "--temperatures") == [0.0, 0.7]
+
+
+def test_text_passages_per_group_round_robin(tmp_path):
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    from afm_mlx.tokenizer import load_tokenizer
+
+    build_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"held_out": {"a": ["The quick brown fox jumps over the lazy dog."] * 6,
+                                                "b": ["The weather is nice today."] * 6}}))
+    groups = bench.read_prompt_texts(prompts)
+    assert [len(g) for g in groups] == [6, 6]
+    passages = bench.text_passages(tok, groups, 20, 10)
+    assert len(passages) >= 2 and all(p[0] == tok.eos_id and len(p) >= 20 for p in passages)
+    assert "fox" in tok.decode(passages[0]) and "weather" in tok.decode(passages[1])  # alternating groups
+    assert all(not ("fox" in tok.decode(p) and "weather" in tok.decode(p)) for p in passages)
+    with pytest.raises(bench.AFMError, match="no passage of 10000 tokens"):
+        bench.text_passages(tok, groups, 10000, 4)
+
+
+def test_demo_workload_uses_held_out_text():
+    workload = bench.demo_workload(max_length=64, count=3)
+    assert workload.prompt_source == "benchmarks/prompts_held_out.json"
+    assert workload.draft is not None and len(workload.passages) == 3
+    assert not any(k.startswith("draft.") for k, _ in bench.own_parameters(workload.model))
