@@ -35,7 +35,7 @@ import numpy as np
 
 from afm_mlx.errors import AFMError
 
-from .mapping import normalize_key
+from .mapping import LORA_MODULES, normalize_key
 from .torch_zip import BF16, bf16_bits_to_float32, open_checkpoint, save_checkpoint
 
 TOOLKIT_SCALE = 0.5  # alpha / rank = 16 / 32 in the toolkit's base-model config
@@ -44,15 +44,9 @@ FMADAPTER_WEIGHTS, FMADAPTER_METADATA = "adapter_weights.bin", "metadata.json"
 FMADAPTER_DRAFT_FILES = ("draft.mil", "draft_weights.bin")
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
 
-# Adapted modules in registration (= state-dict) order: toolkit module -> our module. Section 3.3.
-SEGMENT_0_MODULES = {
-    "attention.qkv_transform": "self_attn.qkv_proj",  # fused: lora_0/1/2 = Q/K/V
-    "attention.output_transform": "self_attn.out_proj",
-    "feed_forward.hidden_transform.linear_0": "mlp.gate_proj",
-    "feed_forward.hidden_transform.linear_1": "mlp.up_proj",
-    "feed_forward.output_transform": "mlp.down_proj",
-}
-SEGMENT_1_MODULES = {"attention.q_transform": "self_attn.q_proj",
+# Adapted modules in registration (= state-dict) order, section 3.3: toolkit module -> our module.
+SEGMENT_0_MODULES = {k: v for k, v in LORA_MODULES.items() if k != "attention.q_transform"}
+SEGMENT_1_MODULES = {"attention.q_transform": LORA_MODULES["attention.q_transform"],
                      **{k: v for k, v in SEGMENT_0_MODULES.items() if k != "attention.qkv_transform"}}
 _STACKS = {0: "layers", 1: "kv_reuse_layers"}  # toolkit segment -> our layer list
 
