@@ -451,9 +451,9 @@ def print_stream(responses: Iterator[GenerationResponse], out, err, show_stats: 
         stats = response.stats or stats
     if text_end != "\n":
         out.write("\n")
+    out.flush()  # before the stats: on a terminal stdout and stderr interleave
     if show_stats and stats is not None:
         err.write(stats.summary() + "\n")
-    out.flush()
     return stats
 
 
