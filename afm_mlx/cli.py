@@ -56,6 +56,8 @@ def bench(
     adapter: Optional[bool] = typer.Option(None, "--adapter/--no-adapter", help="Decode with a random LoRA adapter "
                                                                               "vs none (afm-mlx)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots (needs matplotlib)."),
+    time_budget: Optional[float] = typer.Option(None, help="Seconds per workload; speculative settings not started "
+                                                           "by then are skipped (and listed as skipped)."),
 ):
     """Benchmark afm-mlx against mlx-lm's afm7 on the same weights: prefill/TTFT, decode, speculative k sweep,
     acceptance by draft position, memory, KV bytes, roofline; writes JSON, markdown and PNG plots.
@@ -73,7 +75,8 @@ def bench(
                      "prompt_lengths": parse_ints(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
                      "ks": parse_ints(ks, "--ks") if ks else None,
                      "temperatures": parse_floats(temperatures, "--temperatures") if temperatures else None,
-                     "engines": [e.strip() for e in engines.split(",")] if engines else None, "adapter": adapter}
+                     "engines": [e.strip() for e in engines.split(",")] if engines else None, "adapter": adapter,
+                     "time_budget_s": time_budget}
         run_workloads(names, model_dir=model, prompts=prompts, out_dir=out, plots=plots, overrides=overrides)
     except AFMError as err:
         _fail(err)
