@@ -613,6 +613,7 @@ class BenchConfig:
     adapter: bool = True  # afm-mlx decode with a random runtime LoRA adapter vs without
     adapter_rank: int = 32
     seed: int = 0
+    time_budget_s: float | None = None  # past it, settings not started yet are skipped (and listed as skipped)
 
     def validate(self) -> None:
         checks = [
@@ -621,6 +622,7 @@ class BenchConfig:
             (all(1 <= k <= 16 for k in self.ks), "draft lengths k must be in 1..16"),
             (all(t >= 0 for t in self.temperatures) and self.temperatures, "temperatures must be >= 0"),
             (self.trials >= 1 and self.warmup >= 0 and self.warmup_tokens >= 1, "trials >= 1, warmup >= 0"),
+            (self.time_budget_s is None or self.time_budget_s > 0, "the time budget must be > 0 seconds"),
             (set(self.engines) <= set(ENGINES) and self.engines, f"engines must be among {', '.join(ENGINES)}"),
         ]
         for ok, message in checks:
@@ -723,8 +725,27 @@ def temperature_key(t: float) -> str:
     return f"T={t:g}"
 
 
-def bench_speeds(engines: list, workload: Workload, config: BenchConfig, tick: Tick) -> dict[str, Any]:
-    """Prefill, plain and speculative decode for every engine; returns {engine: {...}} plus plain-run agreement."""
+class Budget:
+    """A wall-clock budget for a whole benchmark: settings that would start after it are skipped, and listed."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+        self.skipped: list[str] = []
+
+    def allows(self, setting: str) -> bool:
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            self.skipped.append(setting)
+            return False
+        return True
+
+
+def bench_speeds(engines: list, workload: Workload, config: BenchConfig, tick: Tick,
+                 budget: Budget) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Prefill, plain and speculative decode for every engine; returns {engine: {...}} plus plain-run agreement.
+
+    Prefill and plain decode always run (every later number is relative to them); speculative settings only
+    while the budget lasts.
+    """
     out: dict[str, Any] = {e.name: {"prefill": [], "decode": {}, "speculative": {}} for e in engines}
     agreement = {}
     for length in config.prompt_lengths:
@@ -741,6 +762,8 @@ def bench_speeds(engines: list, workload: Workload, config: BenchConfig, tick: T
         if t == 0.0 and len(engines) == 2:
             agreement = token_agreement(*plain.values())
         for k in config.ks if workload.draft is not None else []:
+            if not budget.allows(f"speculative {key} k={k}"):
+                continue
             spec = measure(engines, workload, config, tick, prompt_length=config.decode_prompt_length,
                            max_tokens=config.max_tokens, temperature=t, k=k)
             for name, r in spec.items():
@@ -902,17 +925,20 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
     config.validate()
     tick = progress or (lambda _: None)
     machine = machine_info()
+    budget = Budget(config.time_budget_s)
     engines = make_engines(workload, config.engines)
-    speeds, agreement = bench_speeds(engines, workload, config, tick)
+    speeds, agreement = bench_speeds(engines, workload, config, tick, budget)
     kv_prompt = workload.prompt(min(config.prompt_lengths + [config.decode_prompt_length]), 0)
     for engine in engines:
         speeds[engine.name]["kv_bytes_per_token"] = engine.kv_bytes_per_token(kv_prompt)
         if workload.draft is not None:
             speeds[engine.name]["draft_kv_bytes_per_token"] = engine.kv_bytes_per_token(
                 kv_prompt, engine.draft if engine.name == "mlx-lm" else workload.draft)
-        if engine.name == "afm-mlx":
-            speeds[engine.name]["adapter"] = bench_adapter(engine, workload, config, tick) if config.adapter else \
-                {"status": "n/a", "reason": "switched off (--no-adapter)"}
+        if engine.name == "afm-mlx" and not config.adapter:
+            speeds[engine.name]["adapter"] = {"status": "n/a", "reason": "switched off (--no-adapter)"}
+        elif engine.name == "afm-mlx":
+            speeds[engine.name]["adapter"] = bench_adapter(engine, workload, config, tick) if \
+                budget.allows("adapter") else {"status": "n/a", "reason": "skipped: time budget spent"}
         else:
             speeds[engine.name]["adapter"] = {"status": "n/a", "reason": "not run: the harness compares mlx-lm's "
                                               "afm7 without LoRA (its adapters fuse or wrap via tuner.lora)"}
@@ -924,7 +950,7 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
                      "draft": describe_weights(workload.draft) if workload.draft is not None else None},
         "config": asdict(config), "engines": speeds, "agreement_greedy": agreement,
         "memory": memory_summary(workload, speeds), "ratios": ratios(speeds),
-        "notes": harness_notes(workload, config),
+        "notes": harness_notes(workload, config), "skipped": budget.skipped,
     }
     results["goals"] = goals(results)
     return results
@@ -1044,6 +1070,9 @@ def results_markdown(results: dict[str, Any]) -> str:
                              "mlx-lm tok/s", "speedup", "acceptance", "tokens/step", "afm-mlx / mlx-lm"], rows)
     lines += _position_table(results) + _goal_lines(results) + _memory_lines(results) + _agreement_lines(results)
     lines += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
+    if results.get("skipped"):
+        lines.append(f"- Time budget ({results['config']['time_budget_s']:g} s) spent; not measured: "
+                     f"{', '.join(results['skipped'])}.")
     return "\n".join(lines) + "\n"
 
 

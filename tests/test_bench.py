@@ -168,3 +168,15 @@ def test_demo_workload_uses_held_out_text():
     assert workload.prompt_source == "benchmarks/prompts_held_out.json"
     assert workload.draft is not None and len(workload.passages) == 3
     assert not any(k.startswith("draft.") for k, _ in bench.own_parameters(workload.model))
+
+
+def test_time_budget_skips_speculative_settings_and_says_so(tiny, tmp_path):
+    config = bench.default_config("tiny", "cpu")
+    config.time_budget_s = 1e-9  # spent at once: prefill and plain decode still run
+    results = bench.run_benchmark(tiny, config)
+    assert results["skipped"] == ["speculative T=0 k=1", "speculative T=0 k=2", "adapter"]
+    assert results["engines"]["afm-mlx"]["decode"]["T=0"]["tps"] > 0
+    assert results["engines"]["afm-mlx"]["speculative"]["T=0"] == []
+    md = bench.results_markdown(results)
+    assert "not measured: speculative T=0 k=1" in md
+    assert [p.name for p in bench.write_results(results, tmp_path)][:2] == ["tiny.json", "tiny.md"]
