@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark on an NVIDIA GPU with MLX's CUDA backend, sized for ~5 minutes of device time:
-#   1. demo family, every metric (prefill at 32/128/512, decode, k = 1..8 at T = 0 and 0.7, adapter), 3 trials;
+#   1. demo family, every metric (prefill at 32/128/512, 64-token decode, k = 1..8 at T = 0 and 0.7, adapter),
+#      3 trials;
 #   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2..4
 #      at T = 0, adapter, 3 trials.
 # Results: $OUT/gpu_results.tar.gz (benchmarks/results/<backend>-<device>/...: JSON, markdown, PNGs), plus the
@@ -20,10 +21,12 @@ STASH=/tmp/afm_whl
 CUDA_WHEEL=mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
 CUDA_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
 OUT_DIR=${OUT:-benchmarks/results/gpu-run}
-DEMO_LIMIT=${DEMO_LIMIT:-170}
+# Hard limits per stage; the --time-budget inside each skips speculative settings not started by then, so a
+# stage normally ends well before its hard limit and always writes what it measured.
+DEMO_LIMIT=${DEMO_LIMIT:-180}
 FULL_LIMIT=${FULL_LIMIT:-150}
-DEMO_ARGS=${DEMO_ARGS:---trials 3}
-FULL_ARGS=${FULL_ARGS:---no-demo --full}
+DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --time-budget 120}
+FULL_ARGS=${FULL_ARGS:---no-demo --full --time-budget 100}
 
 fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts
   local tmp; tmp=$(mktemp -d)
@@ -57,7 +60,7 @@ install_mlx_cuda() {
 }
 
 use_repo_package() {  # afm_mlx.kernels / afm_mlx.converters live at the top of the repo (pyproject maps them)
-  if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1; then
+  if [ -z "${AFM_GPU_RUN_REHEARSAL:-}" ] && ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1; then
     ln -sfn ../kernels afm_mlx/kernels && ln -sfn ../converters afm_mlx/converters
   fi
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
