@@ -144,7 +144,6 @@ class Workload:
     prompt_source: str
     vocab_size: int
     notes: list[str] = field(default_factory=list)
-    lora_rank: int = 32
 
     def prompt(self, length: int, index: int) -> list[int]:
         """A prompt of exactly `length` ids: a window of passage `index` (cycled), starting at a passage start."""
@@ -277,18 +276,13 @@ def demo_workload(path: str | Path | None = None, prompts: str | Path | None = N
     name = "demo" if path is None else root.name
     return Workload(name=name, description=f"{'demo family' if path is None else root}: base + draft, real text",
                     model=model, draft=model.draft, passages=passages, prompt_source=source,
-                    vocab_size=tokenizer.vocab_size, lora_rank=_lora_rank(root))
+                    vocab_size=tokenizer.vocab_size)
 
 
 def model_dir_workload(path: str | Path, prompts: str | Path | None = None, max_length: int = 512) -> Workload:
     workload = demo_workload(path, prompts, max_length)
     workload.description = f"model directory {path}" + (" + draft/" if workload.draft is not None else "")
     return workload
-
-
-def _lora_rank(root: Path) -> int:
-    config = json.loads((root / "config.json").read_text())
-    return int(config.get("lora_rank", 32))
 
 
 # ---- synthetic on-grid weights
@@ -367,7 +361,7 @@ def tiny_workload(seed: int = 0, bits: int | None = 4, prompt_length: int = 64, 
     draft = synthetic_model(tiny_draft(), bits=bits, group_size=32, embedding_group_size=32, seed=seed + 1)
     return Workload(name="tiny", description="tiny random base + draft (smoke test)", model=base, draft=draft,
                     passages=random_passages(base.args.vocab_size, count, prompt_length, seed),
-                    prompt_source="random token ids", vocab_size=base.args.vocab_size, lora_rank=4,
+                    prompt_source="random token ids", vocab_size=base.args.vocab_size,
                     notes=["Tiny random models: checks the harness, says nothing about speed."])
 
 
@@ -617,7 +611,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         checks = [
-            (all(n >= 2 for n in self.prompt_lengths) and self.decode_prompt_length >= 2, "prompt lengths must be >= 2"),
+            (min(self.prompt_lengths + [self.decode_prompt_length]) >= 2, "prompt lengths must be >= 2"),
             (self.max_tokens >= 2, "max_tokens must be >= 2 (decode speed needs two tokens)"),
             (all(1 <= k <= 16 for k in self.ks), "draft lengths k must be in 1..16"),
             (all(t >= 0 for t in self.temperatures) and self.temperatures, "temperatures must be >= 0"),
@@ -898,7 +892,8 @@ def ratios(engines: dict[str, Any]) -> dict[str, Any]:
            "decode_tps": {k: div(v["tps"], theirs["decode"][k]["tps"]) for k, v in ours["decode"].items()},
            "speculative_tps": {}}
     for key, specs in ours["speculative"].items():
-        out["speculative_tps"][key] = {s["k"]: div(s["tps"], t["tps"]) for s, t in zip(specs, theirs["speculative"][key])}
+        pairs = zip(specs, theirs["speculative"][key])
+        out["speculative_tps"][key] = {s["k"]: div(s["tps"], t["tps"]) for s, t in pairs}
     return out
 
 
@@ -995,7 +990,8 @@ def side_by_side_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]
     rows = []
     for i, p in enumerate(e[names[0]]["prefill"]):
         label = f"prefill tok/s, {p['prompt_tokens']}-token prompt (TTFT)"
-        fmt = lambda x, i=i: f"{_num(x['prefill'][i]['prefill_tps'])} ({x['prefill'][i]['ttft_s'] * 1e3:,.1f} ms)"  # noqa: E731
+        def fmt(x, i=i):
+            return f"{_num(x['prefill'][i]['prefill_tps'])} ({x['prefill'][i]['ttft_s'] * 1e3:,.1f} ms)"
         rows.append((label, cell("afm-mlx", fmt), cell("mlx-lm", fmt),
                      _ratio(r.get("prefill_tps", {}).get(p["prompt_tokens"]))))
     for key in e[names[0]]["decode"]:
@@ -1091,7 +1087,8 @@ def _position_table(results: dict[str, Any]) -> list[str]:
             width = max(s["k"] for s in specs)
             rows = [[s["k"]] + [f"{a:.2f}" for a in s["acceptance_by_position"]] + [""] * (width - s["k"])
                     for s in specs]
-            lines += ["", f"Acceptance by draft position, {name}, {key}:", ""]
+            lines += ["", f"Acceptance by draft position, {name}, {key} (share of rounds whose i-th draft token was "
+                          "accepted; it needs every earlier one accepted too):", ""]
             lines += _table(["k"] + [f"pos {i + 1}" for i in range(width)], rows)
     return lines
 

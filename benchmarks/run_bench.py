@@ -5,6 +5,7 @@
     python benchmarks/run_bench.py --model DIR          # a converted model directory (+ its draft/)
     python benchmarks/run_bench.py --help               # every option (they are afm-mlx bench's)
     python benchmarks/run_bench.py readme               # benchmarks/results/README.md from results/*/*.json
+                                                        # (and each <workload>.md re-rendered from its JSON)
 
 Results go to benchmarks/results/<backend>-<device>/<workload>.{json,md} plus PNG plots.
 """
@@ -28,7 +29,10 @@ arrays in the same run; speculative decoding is at T = 0 on the best k. "full" u
 
 
 def write_readme(results_dir: Path = RESULTS) -> Path:
-    from afm_mlx.bench import readme_table
+    """The summary table over every machine's results; each `<workload>.md` is re-rendered from its JSON too."""
+    import json
+
+    from afm_mlx.bench import readme_table, results_markdown
 
     files = sorted(p for p in results_dir.glob("*/*.json") if p.stem != "tiny")  # tiny: smoke runs only
     if not files:
@@ -36,6 +40,7 @@ def write_readme(results_dir: Path = RESULTS) -> Path:
     notes = []
     for path in files:
         md = path.with_suffix(".md")
+        md.write_text(results_markdown(json.loads(path.read_text())))
         notes.append(f"- [{path.parent.name}/{md.name}]({path.parent.name}/{md.name})")
     text = README_HEAD + readme_table(files) + "\nFull tables:\n\n" + "\n".join(notes) + "\n"
     out = results_dir / "README.md"
