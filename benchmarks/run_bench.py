@@ -23,7 +23,10 @@ Written by `python benchmarks/run_bench.py readme` from the `*/<workload>.json` 
 directory is one machine (`<backend>-<device>`), each file one workload, with its full table in `<workload>.md`
 and plots in `<workload>-*.png`. Plain decode compares afm-mlx with mlx-lm's `afm7` on the very same weight
 arrays in the same run; speculative decoding is at T = 0 on the best k. "full" uses synthetic on-grid weights
-(speed and memory only: its draft is unrelated to the base, so acceptance is ~0 there).
+(speed and memory only: its draft is unrelated to the base, so acceptance is ~0 there). The CPU rows come from
+MLX's CPU backend on 2 cores shared with other jobs: absolute numbers there are low and noisy (the engines' trials
+are interleaved, so their ratios are fairer than the absolutes), and verifying k + 1 tokens costs about k + 1
+single steps on a CPU, so speculative decoding cannot pay off there.
 
 """
 
@@ -40,7 +43,9 @@ def write_readme(results_dir: Path = RESULTS) -> Path:
     notes = []
     for path in files:
         md = path.with_suffix(".md")
-        md.write_text(results_markdown(json.loads(path.read_text())))
+        tmp = md.with_name(f".{md.name}.tmp")
+        tmp.write_text(results_markdown(json.loads(path.read_text())))
+        tmp.replace(md)
         notes.append(f"- [{path.parent.name}/{md.name}]({path.parent.name}/{md.name})")
     text = README_HEAD + readme_table(files) + "\nFull tables:\n\n" + "\n".join(notes) + "\n"
     out = results_dir / "README.md"
