@@ -11,7 +11,8 @@
 # MLX's CUDA build is not on the device image and its wheel (90 MB) is larger than one call may carry, so it
 # travels split, as the git-ignored folders .whl1/ (mlx, mlx-lm, part_aa) and .whl2/ (part_ab, part_ac):
 #   call 1: carry [".whl1"], command `bash benchmarks/gpu_run.sh`  -> stashes the parts in /tmp/afm_whl, exits 3
-#   call 2: carry [".whl2"], same command (machine still warm)      -> joins, installs, benchmarks
+#   call 2: carry [".whl2"], same command, right away (a machine stays warm only ~30 s after a call; /tmp/afm_whl
+#           is gone on a fresh one)                                 -> joins, installs, benchmarks
 # Make the folders here with `bash benchmarks/gpu_run.sh --fetch-wheels` (pip download + split).
 # Every stage has its own time limit, so a slow stage costs its result, not the whole run.
 set -u

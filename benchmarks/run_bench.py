@@ -19,6 +19,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 README_HEAD = """# Benchmark results
 
+Reproduce: `afm-mlx bench` (demo family; `--full` adds the full-size 3B base + draft, `--model DIR` benchmarks a
+converted model; `--help` for the settings), then `python benchmarks/run_bench.py readme`. On an NVIDIA GPU:
+`bash benchmarks/gpu_run.sh` (about 5 minutes; see its header for installing MLX's CUDA build there).
+
 Written by `python benchmarks/run_bench.py readme` from the `*/<workload>.json` files beside this one; each
 directory is one machine (`<backend>-<device>`), each file one workload, with its full table in `<workload>.md`
 and plots in `<workload>-*.png`. Plain decode compares afm-mlx with mlx-lm's `afm7` on the very same weight
