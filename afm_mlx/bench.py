@@ -155,13 +155,8 @@ class Workload:
 
 
 def own_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
-    """The model's own parameters, flattened: a draft attached by `load()` as `model.draft` is a child module in
-    MLX's tree, but it is a separate model here."""
-    return [(k, a) for k, a in tree_flatten(model.parameters()) if not k.startswith("draft.")]
-
-
-def own_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(p, m) for p, m in model.named_modules() if p != "draft" and not p.startswith("draft.")]
+    """The model's parameters, flattened (a draft attached by `load()` is not among them)."""
+    return tree_flatten(model.parameters())
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -180,7 +175,7 @@ def parameter_bytes_16bit(model: nn.Module) -> int:
 
 def describe_weights(model: Model) -> dict[str, Any]:
     quantized = {}
-    for path, module in own_modules(model):
+    for path, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             quantized[f"{module.bits}-bit g{module.group_size}"] = quantized.get(
                 f"{module.bits}-bit g{module.group_size}", 0) + 1
@@ -495,7 +490,7 @@ def mlx_lm_mirror(model: Model) -> nn.Module:
     from mlx_lm.models import afm7
 
     theirs = afm7.Model(afm7.ModelArgs.from_dict(model.args.to_dict()))
-    ours = dict(own_modules(model))
+    ours = dict(model.named_modules())
 
     def same_quantization(path: str, module: nn.Module):
         mine = ours.get(path)

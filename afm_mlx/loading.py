@@ -116,12 +116,15 @@ def load(path: str | Path | None = None, draft: str | Path | bool | None = None,
     root = Path(path) if path is not None else DEMO_MODEL_DIR
     model, _ = load_model(root, dtype)
     tokenizer = load_tokenizer(root)
-    model.draft = None
+    draft_model = None
     if draft is True:
         draft = root / "draft"
     if draft:
-        model.draft, _ = load_model(draft, dtype)
-        check_draft_compatible(model, model.draft)
+        draft_model, _ = load_model(draft, dtype)
+        check_draft_compatible(model, draft_model)
+    # A plain attribute, not a child module: the draft's weights are not the base's parameters (saving,
+    # counting, quantizing or wrapping adapters on the base must not reach into the draft).
+    object.__setattr__(model, "draft", draft_model)
     if adapter is not None:
         from .adapters import load_adapter
 
