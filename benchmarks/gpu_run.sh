@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark on an NVIDIA GPU with MLX's CUDA backend, sized for ~5 minutes of device time:
+# The benchmark on an NVIDIA GPU with MLX's CUDA backend, sized for ~8 minutes of device time:
+#   0. the CUDA kernels: their GPU tests and benchmarks/kernels_bench.py --quick;
 #   1. demo family, every metric (prefill at 32/128/512, 64-token decode, k = 1..8 at T = 0 and 0.7, adapter),
 #      3 trials;
 #   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2..4
@@ -26,6 +27,8 @@ OUT_DIR=${OUT:-benchmarks/results/gpu-run}
 # stage normally ends well before its hard limit and always writes what it measured.
 DEMO_LIMIT=${DEMO_LIMIT:-180}
 FULL_LIMIT=${FULL_LIMIT:-150}
+KERNEL_TEST_LIMIT=${KERNEL_TEST_LIMIT:-60}
+KERNEL_BENCH_LIMIT=${KERNEL_BENCH_LIMIT:-100}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --time-budget 120}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --time-budget 100}
 
@@ -80,6 +83,9 @@ RESULTS=$(mktemp -d)/results
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv
   $PY -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device(), mx.device_info())" || exit 5
+  echo "== CUDA kernels: tests vs the pure-MLX reference, then timings (limits ${KERNEL_TEST_LIMIT}s / ${KERNEL_BENCH_LIMIT}s)"
+  timeout "$KERNEL_TEST_LIMIT" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -rs
+  timeout "$KERNEL_BENCH_LIMIT" $PY benchmarks/kernels_bench.py --quick --out "$RESULTS/_machine_"
   if [ -f afm_mlx/demo_model/config.json ]; then
     echo "== demo family (limit ${DEMO_LIMIT}s)"
     timeout "$DEMO_LIMIT" $PY benchmarks/run_bench.py $DEMO_ARGS --out "$RESULTS/_machine_"
