@@ -96,6 +96,11 @@ def _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalt
                 adaptive_draft=adaptive_draft, stop=stop or None, max_context=max_context)
 
 
+_ADAPTER_HELP = ("LoRA adapter to generate with: a toolkit checkpoint (adapter-final.pt), a .fmadapter package or "
+                 "an mlx-lm adapter dir; applied at runtime on the (quantized) base.")
+_SIGNATURE_HELP = "Load a .fmadapter whose baseModelSignature is not toolkit 26.0.0's base."
+
+
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The user message (or, with --raw, the exact text); read "
@@ -123,6 +128,8 @@ def generate(
     max_context: int = typer.Option(4096, "--max-context", help="Context limit: prompt + generated tokens."),
     stats: bool = typer.Option(False, "--stats", help="Print token counts, speeds, memory and draft acceptance "
                                                       "to stderr."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help=_ADAPTER_HELP),
+    allow_signature_mismatch: bool = typer.Option(False, help=_SIGNATURE_HELP),
 ):
     """Generate a reply to PROMPT, streamed to stdout; speculative decoding with the draft when there is one.
 
@@ -135,7 +142,8 @@ def generate(
     options.update(system=system, raw=raw)
     try:
         run_generate(prompt, model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats,
-                     options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr)
+                     options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr,
+                     adapters=[str(adapter)] if adapter else [], allow_signature_mismatch=allow_signature_mismatch)
     except AFMError as err:
         _fail(err)
 
@@ -157,6 +165,10 @@ def chat(
     adaptive_draft: bool = typer.Option(False, "--adaptive-draft", help="Adapt the draft length."),
     max_context: int = typer.Option(4096, "--max-context", help="Context limit of the whole conversation."),
     stats: bool = typer.Option(False, "--stats", help="Print each reply's stats to stderr."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH (or PATH), repeatable: adapters kept "
+                                                            "loaded over one base; the first is active, "
+                                                            "`/adapter NAME|none` switches."),
+    allow_signature_mismatch: bool = typer.Option(False, help=_SIGNATURE_HELP),
 ):
     """Multi-turn chat in the terminal, one message per line (/reset, /exit). The KV cache is kept across turns:
     each turn prefills only its own new tokens."""
@@ -166,7 +178,8 @@ def chat(
                                   num_draft_tokens, adaptive_draft, None, max_context)
     try:
         run_chat(model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats, system=system,
-                 options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr)
+                 options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, adapters=adapter,
+                 allow_signature_mismatch=allow_signature_mismatch)
     except AFMError as err:
         _fail(err)
 

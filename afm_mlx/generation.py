@@ -15,11 +15,13 @@ generate.py samples at temperature 1.0 with top-k 50: pass those to get its beha
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
+from .adapters import active_adapter, list_adapters, load_adapter, set_active_adapter, using_adapter
 from .cache import KVCache
 from .errors import AFMError
 from .model import Model
@@ -28,6 +30,7 @@ from .speculative import DraftLength, SpeculativeDecoder, rollback
 from .stats import GenerationStats, SpeculativeStats
 
 DEFAULT_MAX_CONTEXT = 4096
+KEEP_ADAPTER = object()  # stream_generate's default: generate with whichever adapter is active
 DEFAULT_TEMPERATURE = 0.0
 DEFAULT_NUM_DRAFT_TOKENS = 4
 PREFILL_CHUNK_SIZE = 512
@@ -68,6 +71,7 @@ class PromptCache:
 
     def __init__(self, model: Model, draft: Model | None = None):
         self.model, self.base, self.tokens = model, model.make_cache(), []
+        self.adapter: str | None = None  # the adapter active when the base K/V were computed
         self.draft_model: Model | None = None
         self.draft: list[KVCache] | None = None
         if draft is not None:
@@ -80,7 +84,9 @@ class PromptCache:
     def prefill(self, ids: list[int], chunk_size: int = PREFILL_CHUNK_SIZE) -> int:
         """Make the caches hold ids[:-1] (the last id is fed by the first decode step); returns ids reused."""
         target = list(ids[:-1])
-        reused = _common_prefix(self.tokens, target)
+        adapter = active_adapter(self.model)
+        reused = _common_prefix(self.tokens, target) if adapter == self.adapter else 0  # LoRA changes K/V
+        self.adapter = adapter
         rollback(self.base, reused)
         _prefill(self.model, self.base, target[reused:], chunk_size)
         if self.draft is not None:
@@ -237,6 +243,7 @@ def stream_generate(
     max_context: int = DEFAULT_MAX_CONTEXT,
     prompt_cache: PromptCache | None = None,
     prefill_chunk_size: int = PREFILL_CHUNK_SIZE,
+    adapter: str | None | object = KEEP_ADAPTER,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` and yield GenerationResponse pieces as the text becomes final (never a broken
     UTF-8 character, never part of a stop string); the last response has `finish_reason` and `stats`.
@@ -251,45 +258,58 @@ def stream_generate(
     stop: strings that end generation (the text stops before them); EOS and `<turn_end>` always stop.
     max_context: prompt + generated tokens; a prompt that fills it is refused, generation stops at it.
     prompt_cache: reuse K/V across calls (see PromptCache); only the new part of the prompt is prefilled.
+    adapter: the name of a loaded adapter (afm_mlx.adapters.load_adapter) to generate with, None for the bare
+        base; by default whichever is active. The previously active one is restored afterwards.
     """
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, repetition_context_size, seed)
-    _check_positive_int("max_tokens", max_tokens)
-    _check_positive_int("max_context", max_context)
-    _check_positive_int("prefill_chunk_size", prefill_chunk_size)
-    stops = StopStrings(stop)
-    draft = resolve_draft(model, draft_model)
-    draft_length = DraftLength(num_draft_tokens, adaptive_draft) if draft is not None else None
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise AFMError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                       f"{model.args.vocab_size}: they do not belong together")
-    ids = prompt_ids(tokenizer, prompt, system=system, raw=raw)
-    limit, limit_reason = _token_budget(len(ids), max_tokens, max_context)
+    with selected_adapter(model, adapter):
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, repetition_context_size, seed)
+        _check_positive_int("max_tokens", max_tokens)
+        _check_positive_int("max_context", max_context)
+        _check_positive_int("prefill_chunk_size", prefill_chunk_size)
+        stops = StopStrings(stop)
+        draft = resolve_draft(model, draft_model)
+        draft_length = DraftLength(num_draft_tokens, adaptive_draft) if draft is not None else None
+        if tokenizer.vocab_size > model.args.vocab_size:
+            raise AFMError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                           f"{model.args.vocab_size}: they do not belong together")
+        ids = prompt_ids(tokenizer, prompt, system=system, raw=raw)
+        limit, limit_reason = _token_budget(len(ids), max_tokens, max_context)
 
-    start = time.perf_counter()
-    mx.reset_peak_memory()
-    cache = prompt_cache if prompt_cache is not None else PromptCache(model)
-    if draft is not None:
-        cache.attach_draft(draft)
-    keys = RandomKeys(params.seed)
-    stats = GenerationStats(prompt_tokens=len(ids), seed=keys.seed)
-    stats.cached_prompt_tokens = cache.prefill(ids, prefill_chunk_size)
-    stats.prefill_s = time.perf_counter() - start
-    history = list(ids)
-    if draft is None:
-        tokens = plain_decode(model, cache.base, history, params, keys, limit)
+        start = time.perf_counter()
+        mx.reset_peak_memory()
+        cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+        if draft is not None:
+            cache.attach_draft(draft)
+        keys = RandomKeys(params.seed)
+        stats = GenerationStats(prompt_tokens=len(ids), seed=keys.seed)
+        stats.cached_prompt_tokens = cache.prefill(ids, prefill_chunk_size)
+        stats.prefill_s = time.perf_counter() - start
+        history = list(ids)
+        if draft is None:
+            tokens = plain_decode(model, cache.base, history, params, keys, limit)
+        else:
+            stats.speculative = SpeculativeStats(num_draft_tokens)
+            decoder = SpeculativeDecoder(model, draft, cache.base, cache.draft, params, keys, draft_length,
+                                         stats.speculative)
+            tokens = speculative_decode(decoder, history, limit, tokenizer.stop_ids)
+        try:
+            yield from _responses(tokenizer, tokens, stops, stats, start, limit, limit_reason)
+        finally:
+            tokens.close()
+            cache.sync(history)
+        if draft is not None:
+            stats.speculative.draft_s, stats.speculative.verify_s = decoder.timer.split(stats.decode_s)
+        yield GenerationResponse("", [], stats.finish_reason, stats)
+
+
+@contextmanager
+def selected_adapter(model: Model, adapter) -> Iterator[None]:
+    """`using_adapter(model, adapter)` unless adapter is KEEP_ADAPTER (then whichever is active stays)."""
+    if adapter is KEEP_ADAPTER:
+        yield
     else:
-        stats.speculative = SpeculativeStats(num_draft_tokens)
-        decoder = SpeculativeDecoder(model, draft, cache.base, cache.draft, params, keys, draft_length,
-                                     stats.speculative)
-        tokens = speculative_decode(decoder, history, limit, tokenizer.stop_ids)
-    try:
-        yield from _responses(tokenizer, tokens, stops, stats, start, limit, limit_reason)
-    finally:
-        tokens.close()
-        cache.sync(history)
-    if draft is not None:
-        stats.speculative.draft_s, stats.speculative.verify_s = decoder.timer.split(stats.decode_s)
-    yield GenerationResponse("", [], stats.finish_reason, stats)
+        with using_adapter(model, adapter):
+            yield
 
 
 def _responses(tokenizer, tokens: Iterator[int], stops: StopStrings, stats: GenerationStats, start: float,
@@ -422,8 +442,12 @@ class ChatSession:
 # ---- command-line front ends (afm-mlx generate / chat call these)
 
 
-def load_for_generation(model_dir: str | None, draft_dir: str | None, no_draft: bool):
-    """(model, tokenizer) for the CLI: the embedded demo model by default, its `draft/` unless told otherwise."""
+def load_for_generation(model_dir: str | None, draft_dir: str | None, no_draft: bool,
+                        adapters: Sequence[str] = (), allow_signature_mismatch: bool = False):
+    """(model, tokenizer) for the CLI: the embedded demo model by default, its `draft/` unless told otherwise.
+
+    adapters: `PATH` or `NAME=PATH` specs, all loaded (base weights stay shared), the first one active.
+    """
     from pathlib import Path
 
     from .loading import DEMO_MODEL_DIR, load
@@ -437,7 +461,22 @@ def load_for_generation(model_dir: str | None, draft_dir: str | None, no_draft: 
     if draft_dir is not None and not Path(draft_dir).is_dir():
         raise AFMError(f"draft directory not found: {draft_dir}")
     draft = None if no_draft else draft_dir if draft_dir is not None else (root / "draft").is_dir() or None
-    return load(root, draft=draft)
+    model, tokenizer = load(root, draft=draft)
+    names = [load_adapter(model, path, name, allow_signature_mismatch=allow_signature_mismatch)
+             for name, path in map(parse_adapter_spec, adapters)]
+    if names:
+        set_active_adapter(model, names[0])
+    return model, tokenizer
+
+
+def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
+    """`NAME=PATH` -> (NAME, PATH); a bare `PATH` -> (None, PATH): the name comes from the file name."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        return None, spec
+    if not name or not path:
+        raise AFMError(f"--adapter {spec!r}: expected NAME=PATH or PATH")
+    return name, path
 
 
 def print_stream(responses: Iterator[GenerationResponse], out, err, show_stats: bool) -> GenerationStats:
@@ -458,7 +497,8 @@ def print_stream(responses: Iterator[GenerationResponse], out, err, show_stats: 
 
 
 def chat_loop(session: ChatSession, lines: Iterator[str], out, err, show_stats: bool, interactive: bool) -> None:
-    """One user message per line; `/reset` forgets the conversation, `/exit` (or end of input) leaves.
+    """One user message per line; `/reset` forgets the conversation, `/adapter NAME|none` switches adapters
+    (the conversation stays; its K/V are recomputed under the new adapter), `/exit` (or end of input) leaves.
 
     An AFMError in a turn (e.g. the conversation outgrew the context) is printed and the chat goes on.
     """
@@ -470,12 +510,24 @@ def chat_loop(session: ChatSession, lines: Iterator[str], out, err, show_stats: 
             return
         if message.strip() == "/reset":
             session.reset()
+        elif message.startswith("/adapter"):
+            switch_adapter(session.model, message[len("/adapter"):].strip(), err)
         elif message.strip():
             try:
                 print_stream(session.send(message), out, err, show_stats)
             except AFMError as e:
                 err.write(f"error: {e}\n")
         prompt()
+
+
+def switch_adapter(model: Model, name: str, err) -> None:
+    """The chat's `/adapter NAME` (or `none`): a warm switch, the base weights stay where they are."""
+    loaded = list_adapters(model)
+    try:
+        set_active_adapter(model, None if name in ("", "none") else name)
+        err.write(f"adapter: {active_adapter(model) or 'none'} (loaded: {', '.join(loaded) or 'none'})\n")
+    except AFMError as e:
+        err.write(f"error: {e}\n")
 
 
 def check_options(options: dict) -> None:
@@ -498,23 +550,24 @@ def read_prompt(prompt: str | None, stdin) -> str:
 
 
 def run_generate(prompt: str | None, *, model_dir, draft_dir, no_draft: bool, show_stats: bool, options: dict,
-                 stdin, out, err) -> None:
+                 stdin, out, err, adapters: Sequence[str] = (), allow_signature_mismatch: bool = False) -> None:
     """`afm-mlx generate`: validate, load, stream the text to `out` and the stats to `err`."""
     check_options(options)
     prompt = read_prompt(prompt, stdin)
     if not prompt.strip():
         raise AFMError("the prompt is empty")
-    model, tokenizer = load_for_generation(model_dir, draft_dir, no_draft)
+    model, tokenizer = load_for_generation(model_dir, draft_dir, no_draft, adapters, allow_signature_mismatch)
     print_stream(stream_generate(model, tokenizer, prompt, **options), out, err, show_stats)
 
 
 def run_chat(*, model_dir, draft_dir, no_draft: bool, show_stats: bool, system: str | None, options: dict,
-             stdin, out, err) -> None:
+             stdin, out, err, adapters: Sequence[str] = (), allow_signature_mismatch: bool = False) -> None:
     """`afm-mlx chat`: a multi-turn conversation over stdin lines, replies streamed to `out`."""
     check_options(options)
-    model, tokenizer = load_for_generation(model_dir, draft_dir, no_draft)
+    model, tokenizer = load_for_generation(model_dir, draft_dir, no_draft, adapters, allow_signature_mismatch)
     session = ChatSession(model, tokenizer, system=system, **options)
     interactive = stdin.isatty()
     if interactive:
-        err.write("Chat with the model: one message per line; /reset starts over, /exit or Ctrl-D leaves.\n")
+        err.write("Chat with the model: one message per line; /reset starts over, /adapter NAME|none "
+                  "switches adapters, /exit or Ctrl-D leaves.\n")
     chat_loop(session, iter(stdin.readline, ""), out, err, show_stats, interactive)
