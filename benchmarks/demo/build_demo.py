@@ -9,12 +9,13 @@ Stages (each cached in the work dir, so an interrupted run resumes where it stop
  2. tokenizer  SentencePiece (8192 pieces): pad 0, EOS 1, unk 2, user-defined <turn_start> <turn_end> <n>
                <executable_start> <executable_end>; newlines are "<n>" (the toolkit's text processor).
  3. base       AFMTextV7 scaled down (4 regular + 2 KV-reuse layers, hidden 256, 4 q / 2 kv heads of 64),
-               pre-trained in bf16-mixed with int8 KV fake-quant (EMA observers).
+               pre-trained in bf16-mixed with int8 KV fake-quant (EMA observers) on corpus windows, with 25% of
+               each batch chat-template samples built from consecutive paragraphs (so templated prompts work).
  4. qat        2-bit (group 128) QAT of every linear and 4-bit (group 32) of the tied embedding, then the weights
                are snapped exactly onto that grid in float32 (fp16-representable scales and minima).
- 5. draft      uniform AFM (3 layers, hidden 128), embedding initialised from the base's by SVD projection,
+ 5. draft      uniform AFM (4 layers, hidden 192, 6 q / 2 kv heads of 32), embedding initialised from the base's by SVD projection,
                distilled from the QAT base with the toolkit's inverse-KL loss on corpus windows and on the base's
-               own sampled continuations; weights rounded to float16-representable values at the end.
+               own greedy and sampled continuations; weights rounded to float16-representable values at the end.
  6. eval       held-out perplexity (base float, base 2-bit QAT, base 2-bit PTQ of the float weights, draft) and
                draft/base top-1 agreement -> benchmarks/results/demo_family.{json,md}.
  7. export     toolkit layout in work/assets/: base-model.pt, draft-model.pt (tamm names, torch zip, tied
@@ -28,6 +29,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -51,13 +53,14 @@ HELD_OUT_FRACTION = 0.05
 
 BASE_CONFIG = AFMConfig(vocab_size=8192, hidden_dim=256, num_layers=6, num_kv_reuse_layers=2, num_heads=4,
                         num_kv_heads=2, hidden_dim_scale_factor=3.0, lora_rank=8, lora_alpha=4.0)
-DRAFT_CONFIG = AFMConfig(vocab_size=8192, hidden_dim=128, num_layers=3, num_kv_reuse_layers=0, num_heads=4,
+DRAFT_CONFIG = AFMConfig(vocab_size=8192, hidden_dim=192, num_layers=4, num_kv_reuse_layers=0, num_heads=6,
                          num_kv_heads=2, hidden_dim_scale_factor=3.0)
 # Sized for about 45 min on a busy 2-core CPU (~500-900 training tokens/s on one thread, see README.md).
-BASE_SCHEDULE = train.Schedule(steps=260, lr=3e-3, warmup=25)
-QAT_SCHEDULE = train.Schedule(steps=80, lr=6e-4, warmup=8, final_lr_fraction=0.05)
-DRAFT_SCHEDULE = train.Schedule(steps=130, lr=3e-3, warmup=12)
-CONTINUATIONS = {"count": 32, "prompt_len": 32, "new_tokens": 64}  # base samples (T = 0.8) for distillation
+BASE_SCHEDULE = train.Schedule(steps=460, lr=3e-3, warmup=30)
+QAT_SCHEDULE = train.Schedule(steps=120, lr=6e-4, warmup=10, final_lr_fraction=0.05)
+DRAFT_SCHEDULE = train.Schedule(steps=260, lr=3e-3, warmup=20)
+CONTINUATIONS = {"count": 64, "prompt_len": 32, "new_tokens": 96}  # base continuations for distillation
+CHAT_FRACTION = 0.25  # rows of each batch that are chat-template samples
 QUANT = {"bits": 2, "group_size": 128, "embed_bits": 4, "embed_group_size": 32}
 
 log = logging.getLogger("build_demo")
@@ -159,7 +162,41 @@ def encode_docs(sp, docs: dict[str, list[str]]) -> list[np.ndarray]:
     return [np.array(sp.encode("\n".join(paras).replace("\n", "<n>")), dtype=np.int32) for paras in docs.values()]
 
 
-def stage_base(work: Path, sampler: train.WindowSampler) -> AFMText:
+NAME_RE = re.compile(r"\b(?:Mr|Mrs|Miss|Lady|Sir|Colonel|Captain|Admiral|Dr)\.? [A-Z][a-z]+")
+GENERIC_REQUESTS = ["Tell me a story.", "Write a paragraph.", "Continue.", "Write something in the style of Jane Austen.",
+                    "Tell me what happened next.", "Describe the scene.", "What did they say?", "Go on."]
+
+
+def chat_samples(sp, docs: dict[str, list[str]], seed: int, max_tokens: int) -> list[np.ndarray]:
+    """Chat-formatted training samples built from consecutive paragraphs, so that the default (templated)
+    `afm-mlx generate "..."` gets prose and a `<turn_end>`: ids = `[EOS] + encode(V6 template)[1:]`, rendered by the
+    package's own tokenizer code. User turns: "Continue the story: P_i" or P_i alone -> P_{i+1}; "Tell me about
+    <a name in P_i>." or a generic request -> P_i."""
+    from afm_mlx.tokenizer import Tokenizer, render_chat_template
+
+    tok, rng, samples = Tokenizer(sp), np.random.default_rng(seed), []
+    for paras in docs.values():
+        for prev, para in zip(paras, paras[1:]):
+            if len(para) < 80 or len(prev) < 20:
+                continue
+            kind, names = rng.integers(4), NAME_RE.findall(prev)
+            if kind == 0:
+                user, answer = f"Continue the story: {prev}", para
+            elif kind == 1:
+                user, answer = prev, para
+            elif kind == 2 and names:
+                user, answer = f"Tell me about {names[rng.integers(len(names))]}.", prev
+            else:
+                user, answer = GENERIC_REQUESTS[rng.integers(len(GENERIC_REQUESTS))], para
+            text = render_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                                        add_generation_prompt=False)
+            ids = [sp.eos_id()] + tok.encode(text)[1:]
+            if len(ids) <= max_tokens + 1:
+                samples.append(np.array(ids, dtype=np.int32))
+    return samples
+
+
+def stage_base(work: Path, sampler: train.MixedSampler) -> AFMText:
     path = work / "base_float.pt"
     if path.exists():
         return load_model(BASE_CONFIG, path)
@@ -171,7 +208,7 @@ def stage_base(work: Path, sampler: train.WindowSampler) -> AFMText:
     return model
 
 
-def stage_qat(work: Path, base_float: AFMText, sampler: train.WindowSampler) -> AFMText:
+def stage_qat(work: Path, base_float: AFMText, sampler: train.MixedSampler) -> AFMText:
     path = work / "base_qat.pt"
     if path.exists():
         return load_model(BASE_CONFIG, path)
@@ -200,7 +237,7 @@ def init_draft_from_base(draft: AFMText, base: AFMText) -> None:
         draft.embedding.weight.copy_(projected * (draft.cfg.hidden_dim ** -0.5 / projected.std()))
 
 
-def stage_draft(work: Path, base: AFMText, sampler: train.WindowSampler) -> AFMText:
+def stage_draft(work: Path, base: AFMText, sampler: train.MixedSampler) -> AFMText:
     path = work / "draft.pt"
     if path.exists():
         return load_model(DRAFT_CONFIG, path)
@@ -212,11 +249,13 @@ def stage_draft(work: Path, base: AFMText, sampler: train.WindowSampler) -> AFMT
     rng = np.random.default_rng(SEED + 3)
     sched = DRAFT_SCHEDULE
 
-    def batches(step: int) -> torch.Tensor:
-        # Alternate corpus windows with the base's own continuations (what speculative decoding will see).
-        if step % 2 == 0 or continuations is None:
-            return sampler.batch(sched.batch_size, sched.seq_len)[0]
-        return continuations[rng.choice(len(continuations), sched.batch_size, replace=False)]
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Alternate corpus/chat batches with the base's own continuations (what speculative decoding will see).
+        if step % 2 == 0:
+            inputs, targets = sampler.batch(sched.batch_size, sched.seq_len)
+            return inputs, targets != -100
+        rows = continuations[rng.choice(len(continuations), sched.batch_size, replace=False)]
+        return rows, torch.ones_like(rows, dtype=torch.bool)
 
     train_with_bar("draft distill", draft, sched, train.distill_loss(draft, base, batches))
     round_parameters_to_fp16(draft)
@@ -232,19 +271,21 @@ def round_parameters_to_fp16(model: AFMText) -> None:
         p.copy_(p.half().float())
 
 
-def base_continuations(work: Path, base: AFMText, sampler: train.WindowSampler) -> torch.Tensor:
-    """Sequences of corpus prompt + the base's own sampled continuation (T = 0.8), cached."""
+def base_continuations(work: Path, base: AFMText, sampler: train.MixedSampler) -> torch.Tensor:
+    """Sequences of corpus prompt + the base's own continuation, half greedy (what speculative decoding at T = 0
+    verifies) and half sampled at T = 0.8; cached."""
     path = work / "continuations.pt"
     count, prompt_len, new_tokens = CONTINUATIONS["count"], CONTINUATIONS["prompt_len"], CONTINUATIONS["new_tokens"]
     if path.exists():
         return torch.load(path)
     gen = torch.Generator().manual_seed(SEED + 4)
-    prompts = sampler.batch(count, prompt_len)[0]
+    prompts = sampler.windows.batch(count, prompt_len)[0]
     chunks = []
     with progress_bar() as bar:
         task = bar.add_task("base continuations", total=count, info="")
         for i in range(0, count, 16):
-            chunks.append(train.sample_continuations(base, prompts[i:i + 16], new_tokens, 0.8, gen))
+            temperature = 0.0 if i < count // 2 else 0.8
+            chunks.append(train.sample_continuations(base, prompts[i:i + 16], new_tokens, temperature, gen))
             bar.update(task, advance=len(chunks[-1]))
     seqs = torch.cat(chunks)
     torch.save(seqs, path)
@@ -301,10 +342,14 @@ def write_results(results: dict, path_json: Path) -> None:
         ("base, float32 (bf16-mixed training)", ppl["base_float"]),
         ("base, 2-bit PTQ of the float weights (emb. 4-bit)", ppl["base_2bit_ptq"]),
         ("base, 2-bit QAT, snapped to the grid (shipped)", ppl["base_2bit_qat"]),
-        ("draft, float32 (shipped)", ppl["draft"]),
+        ("draft, float16-representable weights (shipped)", ppl["draft"]),
     ]
     lines = ["| model | held-out perplexity |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]
-    lines += ["", f"Held-out: {results['held_out_tokens']:,} tokens (last 5% of each novel). Draft/base top-1 "
+    qat_tokens = QAT_SCHEDULE.steps * QAT_SCHEDULE.batch_size * QAT_SCHEDULE.seq_len
+    lines += ["", f"QAT fine-tunes the float base for {QAT_SCHEDULE.steps} more steps ({qat_tokens:,} window tokens), so "
+              "part of its edge over the float row is extra training; the PTQ row is the same float weights rounded "
+              "onto the same grids without it.",
+              "", f"Held-out: {results['held_out_tokens']:,} tokens (last 5% of each novel). Draft/base top-1 "
               f"agreement (teacher-forced): {results['draft_top1_agreement_held_out']:.3f} on held-out text, "
               f"{results['draft_top1_agreement_base_greedy']:.3f} on the base's greedy continuations."]
     path_json.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -349,7 +394,10 @@ def main() -> None:
     sp = stage_tokenizer(args.work, splits)
     train_docs, held_out = encode_docs(sp, splits["train"]), encode_docs(sp, splits["held_out"])
     log.info(f"tokens: train {sum(map(len, train_docs)):,}, held-out {sum(map(len, held_out)):,}")
-    sampler = train.WindowSampler(train_docs, sp.eos_id(), SEED)
+    chats = chat_samples(sp, splits["train"], SEED, BASE_SCHEDULE.seq_len)
+    log.info(f"chat samples: {len(chats):,} ({sum(map(len, chats)):,} tokens), {CHAT_FRACTION:.0%} of each batch")
+    sampler = train.MixedSampler(train.WindowSampler(train_docs, sp.eos_id(), SEED), chats, CHAT_FRACTION,
+                                 sp.pad_id(), SEED + 6)
     base_float = stage_base(args.work, sampler)
     base_qat = stage_qat(args.work, base_float, sampler)
     draft = stage_draft(args.work, base_qat, sampler)

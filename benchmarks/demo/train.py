@@ -62,6 +62,27 @@ class WindowSampler:
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
+class MixedSampler:
+    """Batches whose rows are corpus windows, except a `chat_fraction` of rows that are whole chat samples
+    (toolkit V6 template, `[EOS] + ids[1:]`), padded with PAD and ignored (-100) in the targets."""
+
+    def __init__(self, windows: WindowSampler, chat_samples: list[np.ndarray], chat_fraction: float, pad_id: int,
+                 seed: int):
+        self.windows, self.chat, self.fraction, self.pad_id = windows, chat_samples, chat_fraction, pad_id
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.windows.batch(batch_size, seq_len)
+        n_chat = int(round(batch_size * self.fraction)) if self.chat else 0
+        for row in range(batch_size - n_chat, batch_size):
+            ids = self.chat[self.rng.integers(len(self.chat))][:seq_len + 1]
+            n = len(ids) - 1
+            inputs[row], targets[row] = self.pad_id, -100
+            inputs[row, :n] = torch.from_numpy(ids[:-1].astype(np.int64))
+            targets[row, :n] = torch.from_numpy(ids[1:].astype(np.int64))
+        return inputs, targets
+
+
 def eval_windows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping held-out windows, each `[EOS] + text` (the same form as training)."""
     inputs, targets = [], []
@@ -113,7 +134,7 @@ def lm_loss(model: AFMText, sampler: WindowSampler, sched: Schedule) -> Callable
 
 def inverse_kl(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
     """The toolkit's draft loss: CE(target_logits, draft_probs) - CE(draft_logits, draft_probs) = KL(draft||target),
-    averaged over positions (all positions are real text here: no pad, no ignore)."""
+    averaged over the positions given (the caller drops padding)."""
     draft_logp = F.log_softmax(draft_logits.float(), dim=-1)
     target_logp = F.log_softmax(target_logits.float(), dim=-1)
     draft_p = draft_logp.exp()
@@ -122,12 +143,14 @@ def inverse_kl(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch
     return (ce_target - ce_draft).mean()
 
 
-def distill_loss(draft: AFMText, target: AFMText, batches: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+def distill_loss(draft: AFMText, target: AFMText,
+                 batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> Callable[[int], torch.Tensor]:
+    """`batches(step)` -> (inputs, mask of positions that count: not padding)."""
     def loss_fn(step: int) -> torch.Tensor:
-        inputs = batches(step)
+        inputs, mask = batches(step)
         with torch.no_grad():
             target_logits = target(inputs)
-        return inverse_kl(target_logits, draft(inputs))
+        return inverse_kl(target_logits[mask], draft(inputs)[mask])
     return loss_fn
 
 
