@@ -82,3 +82,18 @@ def _no_leftover_backend():
     from afm_mlx.kernels import dispatch
 
     dispatch.force_backend(None)
+
+
+def test_model_keeps_mlx_quantized_matmul_on_cuda(monkeypatch):
+    """On CUDA the qmm_small kernel measured slower than MLX's own (MODEL_BACKENDS): the model must not route
+    its linears or its head through it there, while int8 attention still uses kv_attention."""
+    from afm_mlx.kernels import qmm
+
+    model = quantized_tiny_model()
+    calls = []
+    monkeypatch.setattr(qmm, "qmm_small", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(kernels, "qmm_small", lambda *a, **k: calls.append(1))
+    with emulated("cuda"):
+        logits = model(mx.array(TOKENS[:5])[None], model.make_cache())
+        assert not kernels.model_uses_qmm_small()
+    assert calls == [] and logits.shape == (1, 5, model.args.vocab_size)
