@@ -82,7 +82,8 @@ def bench(
         _fail(err)
 
 
-_MODEL_HELP = "Model directory from `afm-mlx convert` (default: the embedded demo model)."
+_MODEL_HELP = ("Model directory from `afm-mlx convert` (default: the embedded small demo model, trained by this "
+               "project on Jane Austen's novels; not Apple's weights).")
 _DRAFT_HELP = "Draft model directory for speculative decoding (default: MODEL/draft when it exists)."
 _TEMP_HELP = ("Sampling temperature; 0 = greedy (the default: the same prompt gives the same text, which is what "
               "evaluating a model or adapter needs, and speculative decoding gains most). The toolkit's generate.py "
