@@ -235,7 +235,7 @@ def convert(
     group_size: int = typer.Option(128, help="Quantization group size: 32, 64 or 128."),
     embedding_bits: int = typer.Option(4, help="Tied embedding / output head bits."),
     embedding_group_size: int = typer.Option(32, help="Tied embedding group size."),
-    draft_bits: Optional[int] = typer.Option(None, help="Draft linear bits (default: --bits)."),
+    draft_bits: Optional[int] = typer.Option(None, help="Draft linear bits where its weights are on no exact grid (default: --bits, at least 4 as in Apple's own draft export)."),
     draft_group_size: Optional[int] = typer.Option(None, help="Draft group size (default: --group-size)."),
     draft_embedding_bits: Optional[int] = typer.Option(None, help="Draft embedding bits (default: --embedding-bits)."),
     draft_embedding_group_size: Optional[int] = typer.Option(None, help="Draft embedding group size."),

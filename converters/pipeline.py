@@ -346,6 +346,12 @@ def convert(
     return result
 
 
+# The draft's fewest bits where its weights lie on no grid (unless --draft-bits says otherwise): Apple's
+# draft-model.pt is float, not QAT-trained, and 2-bit would cost acceptance; Apple's own draft export stores
+# 4-bit weights (afm-format.md 3.4). A --bits of 4 or more (or float) applies to the draft as given.
+DRAFT_MIN_BITS = 4
+
+
 def _plans(bits, group_size, embedding_bits, embedding_group_size, overrides, recipe,
            draft_bits, draft_group_size, draft_embedding_bits, draft_embedding_group_size, draft_overrides):
     base = QuantPlan(QuantSetting(bits, group_size), QuantSetting(embedding_bits, embedding_group_size),
@@ -353,7 +359,7 @@ def _plans(bits, group_size, embedding_bits, embedding_group_size, overrides, re
     pick = lambda value, default: default if value is None else value  # noqa: E731
     draft_group = pick(draft_group_size, group_size)
     draft = QuantPlan(
-        QuantSetting(pick(draft_bits, bits), draft_group),
+        QuantSetting(pick(draft_bits, max(bits, DRAFT_MIN_BITS)), draft_group),
         QuantSetting(pick(draft_embedding_bits, embedding_bits), pick(draft_embedding_group_size, embedding_group_size)),
         tuple(parse_override(o, draft_group) for o in draft_overrides) or base.overrides,
         recipe,

@@ -247,3 +247,24 @@ def test_toolkit_files_at_top_level_and_explicit_paths(tmp_path, toolkit):
     result = convert(out=tmp_path / "b", base=root / "assets" / "base-model.pt",
                      draft=root / "assets" / "draft-model.pt")
     assert result.special_tokens is None and (tmp_path / "b" / "draft" / "config.json").exists()
+
+
+def test_off_grid_float_draft_defaults_to_4_bits_while_the_base_stays_2_bit(tmp_path):
+    """A float draft (Apple's is not QAT-trained) is not squeezed to the base's 2 bits unless asked."""
+    from afm_mlx.converters import convert
+    from afm_mlx.converters.synthetic import synthetic_dict
+    from afm_mlx.converters.torch_zip import save_checkpoint
+    from afm_mlx.presets import tiny_base, tiny_draft
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    base, draft = tiny_base(vocab_size=512, hidden_dim=128), tiny_draft(vocab_size=512, hidden_dim=64)
+    save_checkpoint(tmp_path / "base.pt", synthetic_dict(base, seed=1, grid=True).items())
+    save_checkpoint(tmp_path / "draft.pt", synthetic_dict(draft, seed=2, draft=True, kv_quant=False).items())
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    convert(base=tmp_path / "base.pt", draft=tmp_path / "draft.pt", tokenizer=tok, out=tmp_path / "out")
+    base_q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    draft_q = json.loads((tmp_path / "out" / "draft" / "config.json").read_text())["quantization"]
+    assert base_q["bits"] == 2 and draft_q["bits"] == 4
+    convert(base=tmp_path / "base.pt", draft=tmp_path / "draft.pt", tokenizer=tok, out=tmp_path / "out2",
+            draft_bits=2)
+    assert json.loads((tmp_path / "out2" / "draft" / "config.json").read_text())["quantization"]["bits"] == 2
