@@ -99,14 +99,13 @@ def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
     return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
 
 
-@partial(mx.compile, shapeless=True)
-def _dequantize_int8(codes: mx.array, scale: mx.array) -> mx.array:
-    return codes.astype(mx.float32) * scale
-
-
 def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
-    """KV fake-quant, dequantise half: codes * scale in fp32, cast to the compute dtype."""
-    x = _dequantize_int8(codes, scale)
+    """KV fake-quant, dequantise half: codes * scale in fp32, cast to the compute dtype.
+
+    Not compiled: its input is a strided slice of the cache buffer, and the one GPU run that dequantised
+    through a shapeless-compiled version hit an MLX CUDA graph error (benchmarks/results/cuda-nvidia-h200).
+    """
+    x = codes.astype(mx.float32) * scale
     return x if dtype == mx.float32 else x.astype(dtype)
 
 
