@@ -26,15 +26,21 @@ def conversion_progress(console: Console) -> Iterator[ProgressCallback]:
     """A callback for `convert(progress=...)` that drives one bar per model (bytes of the source read)."""
     columns = (TextColumn("{task.description}"), BarColumn(bar_width=24), DownloadColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, Any] = {}
+    bar = Progress(*columns, console=console, transient=False)
+    tasks: dict[str, Any] = {}
 
-        def update(label: str, name: str, nbytes: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(f"converting {label}", total=total)
-            bar.update(tasks[label], advance=nbytes)
+    def update(label: str, name: str, nbytes: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # only once there is work: a conversion refused up front prints its error line alone
+        if label not in tasks:
+            tasks[label] = bar.add_task(f"converting {label}", total=total)
+        bar.update(tasks[label], advance=nbytes)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def _kind(row: dict[str, Any]) -> str:

@@ -168,6 +168,7 @@ def test_missing_source_and_bad_options(tmp_path, good):
     for argv, message in cases:
         result = runner.invoke(app, argv)
         assert result.exit_code == 1 and message in result.output, (argv, result.output)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr  # one line
         assert not (tmp_path / "o").exists()
 
 
