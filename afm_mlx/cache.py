@@ -26,15 +26,19 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append keys/values [B, KV, L, D]; return the full history [B, KV, offset, D]."""
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Append keys/values [B, KV, L, D] after the `offset` valid positions."""
         new = keys.shape[2]
         if self.keys is None or self.offset + new > self.keys.shape[2]:
             self._grow(keys, values, new)
         self.keys[..., self.offset:self.offset + new, :] = keys
         self.values[..., self.offset:self.offset + new, :] = values
         self.offset += new
-        return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append keys/values [B, KV, L, D]; return the full history [B, KV, offset, D] (mlx-lm's cache API)."""
+        self.append(keys, values)
+        return self.state
 
     def _grow(self, keys: mx.array, values: mx.array, new: int) -> None:
         B, n_kv, _, _ = keys.shape

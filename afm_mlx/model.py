@@ -147,7 +147,7 @@ class Attention(nn.Module):
         scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
         if self.kv_quant:
             k, v = int8_codes(k, scales[0]), int8_codes(v, scales[1])
-        cache.update_and_fetch(k, v)
+        cache.append(k, v)
         kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
         out = attend(q, kv, self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), kv
