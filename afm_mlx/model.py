@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, fields
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,7 +92,6 @@ def rope_periods(head_dim: int, theta: float) -> mx.array:
     return 1.0 / inv_freqs
 
 
-@partial(mx.compile, shapeless=True)  # one fused op per call instead of five: decode is op-count bound
 def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
     """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32."""
     return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
@@ -102,8 +100,8 @@ def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
 def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
     """KV fake-quant, dequantise half: codes * scale in fp32, cast to the compute dtype.
 
-    Not compiled: its input is a strided slice of the cache buffer, and the one GPU run that dequantised
-    through a shapeless-compiled version hit an MLX CUDA graph error (benchmarks/results/cuda-nvidia-h200).
+    Neither KV helper is mx.compile'd: both GPU runs that went through shapeless-compiled versions stopped on an
+    MLX CUDA-graph error (benchmarks/results/cuda-nvidia-h200), and on the CPU they bought nothing measurable.
     """
     x = codes.astype(mx.float32) * scale
     return x if dtype == mx.float32 else x.astype(dtype)
