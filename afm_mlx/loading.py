@@ -96,7 +96,7 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
 
 def load_model(path: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, dict]:
     """(model, config) from a model directory; the embedded demo model when `path` is None."""
-    path = Path(path) if path is not None else DEMO_MODEL_DIR
+    path = Path(path).expanduser() if path is not None else DEMO_MODEL_DIR
     config = read_config(path)
     if "kv_quant" not in config:  # an mlx-lm afm7 directory: kv-quant scales are always present there
         config["kv_quant"] = True
@@ -113,7 +113,7 @@ def load(path: str | Path | None = None, draft: str | Path | bool | None = None,
     """
     from .tokenizer import load_tokenizer
 
-    root = Path(path) if path is not None else DEMO_MODEL_DIR
+    root = Path(path).expanduser() if path is not None else DEMO_MODEL_DIR
     model, _ = load_model(root, dtype)
     tokenizer = load_tokenizer(root)
     draft_model = None
