@@ -265,7 +265,7 @@ def demo_workload(path: str | Path | None = None, prompts: str | Path | None = N
     if not (root / "config.json").is_file():
         raise AFMError(f"model directory not found or incomplete: {root} (the demo model ships in "
                        "afm_mlx/demo_model once built; or pass --model DIR)")
-    model, tokenizer = load(root, draft=True if (root / "draft").is_dir() else None)
+    model, tokenizer = load(root)  # with root/draft when there is one
     groups, source = (read_prompt_texts(prompts), str(prompts)) if prompts else find_held_out_texts()
     passages = text_passages(tokenizer, groups, max_length, count)
     name = "demo" if path is None else root.name

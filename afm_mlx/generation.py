@@ -460,8 +460,7 @@ def load_for_generation(model_dir: str | None, draft_dir: str | None, no_draft: 
         raise AFMError("--draft and --no-draft exclude each other")
     if draft_dir is not None and not Path(draft_dir).is_dir():
         raise AFMError(f"draft directory not found: {draft_dir}")
-    draft = None if no_draft else draft_dir if draft_dir is not None else (root / "draft").is_dir() or None
-    model, tokenizer = load(root, draft=draft)
+    model, tokenizer = load(root, draft=False if no_draft else draft_dir)  # None: MODEL/draft when present
     names = [load_adapter(model, path, name, allow_signature_mismatch=allow_signature_mismatch)
              for name, path in map(parse_adapter_spec, adapters)]
     if names:

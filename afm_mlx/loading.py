@@ -107,8 +107,9 @@ def load(path: str | Path | None = None, draft: str | Path | bool | None = None,
          dtype: mx.Dtype | None = None):
     """(model, tokenizer) from a converted model directory, or the embedded demo family when `path` is None.
 
-    draft: a draft model directory, True for the `draft/` directory inside `path`, None/False for none. The
-    draft is attached as `model.draft` (generation uses it when no `draft_model` is passed).
+    draft: None (default) attaches the `draft/` directory inside `path` when there is one, as the CLI does;
+    True requires it; a path names another draft directory; False loads none. The draft is attached as
+    `model.draft` (generation uses it when no `draft_model` is passed).
     adapter: an adapter (toolkit .pt, .fmadapter, or mlx-lm adapter dir) made active on the model.
     """
     from .tokenizer import load_tokenizer
@@ -117,7 +118,7 @@ def load(path: str | Path | None = None, draft: str | Path | bool | None = None,
     model, _ = load_model(root, dtype)
     tokenizer = load_tokenizer(root)
     draft_model = None
-    if draft is True:
+    if draft is True or (draft is None and (root / "draft" / "config.json").is_file()):
         draft = root / "draft"
     if draft:
         draft_model, _ = load_model(draft, dtype)

@@ -62,3 +62,9 @@ def test_sampling_with_a_seed_is_reproducible(family):
     runs = [afm_mlx.generate(model, tok, "Tell me a story.", max_tokens=24, temperature=0.7, seed=3).tokens
             for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_load_attaches_the_draft_by_default_as_the_cli_does():
+    model, _ = afm_mlx.load()
+    assert model.draft is not None and model.draft.args.vocab_size == model.args.vocab_size
+    assert afm_mlx.load(draft=False)[0].draft is None
