@@ -1240,6 +1240,10 @@ def run_workloads(names: list[str], *, model_dir: str | Path | None = None, prom
 
     console = console or Console(stderr=True)
     configs = {name: configure(name, overrides or {}) for name in names}  # bad settings fail before any work
+    if model_dir is not None:
+        from .loading import read_config
+
+        read_config(Path(model_dir).expanduser())  # a bad --model fails with its one line before any work
     out = Path(out_dir) if out_dir is not None else Path("benchmarks/results") / machine_slug(machine_info())
     written: list[Path] = []
     for name in names:
