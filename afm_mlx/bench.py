@@ -154,20 +154,15 @@ class Workload:
         return passage[:length]
 
 
-def own_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
-    """The model's parameters, flattened (a draft attached by `load()` is not among them)."""
-    return tree_flatten(model.parameters())
-
-
 def parameter_bytes(model: nn.Module) -> int:
     """Resident bytes of a model's parameters (quantized codes, scales and biases, norms, kv scales)."""
-    return sum(a.nbytes for _, a in own_parameters(model))
+    return sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
 
 def parameter_bytes_16bit(model: nn.Module) -> int:
     """Resident bytes if every float parameter were 16-bit (the GPU dtype policy; the CPU keeps float32 scales)."""
     total = 0
-    for name, a in own_parameters(model):
+    for name, a in tree_flatten(model.parameters()):
         half = mx.issubdtype(a.dtype, mx.floating) and not name.endswith(("quant_key_scale", "quant_value_scale"))
         total += a.size * 2 if half else a.nbytes
     return total
@@ -179,7 +174,7 @@ def describe_weights(model: Model) -> dict[str, Any]:
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             quantized[f"{module.bits}-bit g{module.group_size}"] = quantized.get(
                 f"{module.bits}-bit g{module.group_size}", 0) + 1
-    dtypes = sorted({str(a.dtype).replace("mlx.core.", "") for _, a in own_parameters(model)})
+    dtypes = sorted({str(a.dtype).replace("mlx.core.", "") for _, a in tree_flatten(model.parameters())})
     return {"config": model.args.to_dict(), "resident_bytes": parameter_bytes(model),
             "quantized_modules": quantized or "none (float weights)", "dtypes": dtypes}
 
@@ -505,7 +500,7 @@ def mlx_lm_mirror(model: Model) -> nn.Module:
             for name in ("quant_key_scale", "quant_value_scale"):
                 layer.self_attn.pop(name)
                 setattr(layer.self_attn, name, None)
-    theirs.load_weights(own_parameters(model), strict=True)
+    theirs.load_weights(tree_flatten(model.parameters()), strict=True)
     theirs.eval()
     return theirs
 

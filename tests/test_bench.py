@@ -167,7 +167,7 @@ def test_demo_workload_uses_held_out_text():
     workload = bench.demo_workload(max_length=64, count=3)
     assert workload.prompt_source == "benchmarks/prompts_held_out.json"
     assert workload.draft is not None and len(workload.passages) == 3
-    assert not any(k.startswith("draft.") for k, _ in bench.own_parameters(workload.model))
+    assert not any(k.startswith("draft.") for k, _ in bench.tree_flatten(workload.model.parameters()))
 
 
 def test_time_budget_skips_speculative_settings_and_says_so(tiny, tmp_path):
