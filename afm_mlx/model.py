@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from . import kernels
 from .cache import KVCache
+from .kernels.reference import dequantize_codes as dequantize_int8  # KV fake-quant, dequantise half
 from .errors import AFMError
 
 
@@ -93,18 +94,12 @@ def rope_periods(head_dim: int, theta: float) -> mx.array:
 
 
 def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
-    """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32."""
-    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
+    """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32.
 
-
-def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
-    """KV fake-quant, dequantise half: codes * scale in fp32, cast to the compute dtype.
-
-    Neither KV helper is mx.compile'd: both GPU runs that went through shapeless-compiled versions stopped on an
-    MLX CUDA-graph error (benchmarks/results/cuda-nvidia-h200), and on the CPU they bought nothing measurable.
+    Not mx.compile'd (nor is the dequantise half): both GPU runs that stopped on an MLX CUDA-graph error went
+    through shapeless-compiled KV helpers (benchmarks/results/cuda-nvidia-h200), and the CPU gains nothing.
     """
-    x = codes.astype(mx.float32) * scale
-    return x if dtype == mx.float32 else x.astype(dtype)
+    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
 
 
 class Attention(nn.Module):

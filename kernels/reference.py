@@ -22,8 +22,10 @@ def qmm_small_reference(x, w, scales, biases, *, bits, group_size, lora=None, dt
 
 
 def dequantize_codes(codes, scale, dtype):
-    """codes * scale in float32, then cast: the same rounding as the model's own K/V dequantisation."""
-    return (codes.astype(mx.float32) * mx.array(scale).astype(mx.float32)).astype(dtype)
+    """codes * scale in float32, then cast to `dtype`: tamm's K/V fake-quant rounding (the model uses this too)."""
+    scale = scale if isinstance(scale, mx.array) and scale.dtype == mx.float32 else mx.array(scale, mx.float32)
+    x = codes.astype(mx.float32) * scale
+    return x if dtype == mx.float32 else x.astype(dtype)
 
 
 def kv_attention_reference(q, k_codes, v_codes, k_scale, v_scale, *, scale, kv_len=None, causal=True, dtype=None):
