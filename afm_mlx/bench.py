@@ -43,6 +43,7 @@ from mlx.utils import tree_flatten
 
 from .dtypes import backend_name, compute_dtype
 from .errors import AFMError
+from .loading import tune_for_device
 from .model import Model, ModelArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -302,6 +303,7 @@ def synthetic_model(args: ModelArgs, bits: int | None = 2, group_size: int = 128
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight = module.weight.astype(dtype)
     _set_kv_scales(model)
+    tune_for_device(model)
     mx.eval(model.parameters())
     model.eval()
     return model

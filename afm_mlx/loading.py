@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import cpu, kernels
 from .dtypes import compute_dtype
 from .errors import AFMError
 from .model import Model, ModelArgs
@@ -62,7 +62,16 @@ def apply_quantization(model: nn.Module, quantization: dict | None, weights: dic
 
     nn.quantize(model, group_size=quantization.get("group_size", 64), bits=quantization.get("bits", 4),
                 class_predicate=predicate)
-    kernels.use_small_batch_kernels(model)  # decode/verify matmuls read each weight byte once on GPUs
+
+
+def tune_for_device(model: nn.Module) -> None:
+    """Module classes for the device the model runs on (parameters untouched; before adapters wrap): on the CPU,
+    row-parallel large matmuls and fused norms (afm_mlx.cpu); on GPUs, few-row matmuls that read each weight
+    byte once where that pays (kernels.SmallBatchQuantizedLinear)."""
+    if cpu.on_cpu():
+        cpu.tune_for_cpu(model)
+    else:
+        kernels.use_small_batch_kernels(model)
 
 
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -89,6 +98,7 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     except ValueError as err:
         raise AFMError(f"weights do not match the config: {str(err).splitlines()[0]}") from None
     cast_floats(model, dtype or compute_dtype())
+    tune_for_device(model)
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -17,7 +17,7 @@ from dataclasses import MISSING, dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import cpu, kernels
 from .cache import KVCache
 from .kernels.reference import dequantize_codes as dequantize_int8  # KV fake-quant, dequantise half
 from .errors import AFMError
@@ -93,6 +93,13 @@ def rope_periods(head_dim: int, theta: float) -> mx.array:
     return 1.0 / inv_freqs
 
 
+def rope(x: mx.array, periods: mx.array, offset: int) -> mx.array:
+    """RoPE on interleaved pairs of x [B, H, L, D] at positions offset..offset+L-1 (periods: rope_periods)."""
+    if cpu.on_cpu():
+        return cpu.fused_rope(x, periods, offset)
+    return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0, offset=offset, freqs=periods)
+
+
 def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
     """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32.
 
@@ -124,10 +131,6 @@ class Attention(nn.Module):
     def kv_quant(self) -> bool:
         return "quant_key_scale" in self
 
-    def rope(self, x: mx.array, offset: int) -> mx.array:
-        return mx.fast.rope(x, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset,
-                            freqs=self._periods)
-
     def __call__(self, x: mx.array, cache: KVCache) -> tuple[mx.array, "KVHistory"]:
         """x [B, L, hidden] -> (out [B, L, hidden], this layer's K/V history, for the reuse layers)."""
         B, L, _ = x.shape
@@ -135,8 +138,8 @@ class Attention(nn.Module):
         q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = self.q_norm(self.rope(q, cache.offset))  # RoPE before the norm, as in tamm
-        k = self.k_norm(self.rope(k, cache.offset))
+        q = self.q_norm(rope(q, self._periods, cache.offset))  # RoPE before the norm, as in tamm
+        k = self.k_norm(rope(k, self._periods, cache.offset))
         scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
         if self.kv_quant:
             k, v = int8_codes(k, scales[0]), int8_codes(v, scales[1])
@@ -197,9 +200,7 @@ class KVReuseAttention(nn.Module):
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = kv.length - L  # the L queries are the last L of the cached positions
-        q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset,
-                         freqs=self._periods)
-        out = attend(self.q_norm(q), kv, self.scale)
+        out = attend(self.q_norm(rope(q, self._periods, offset)), kv, self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

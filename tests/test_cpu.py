@@ -1,0 +1,113 @@
+"""The CPU tuning (afm_mlx.cpu): row-parallel matmuls over several CPU streams, fused rms_norm and rope.
+
+Each output row of a split matmul is computed by the same op from the same inputs, so a tuned model must give
+bit-identical logits to an untuned one, for quantized and float weights, prefill, decode and verify, with and
+without a LoRA adapter. The tiny test models are far below PARALLEL_MIN_WEIGHTS, so the tests lower it to 1 to
+split every matmul.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import afm_mlx.loading as loading
+import afm_mlx.model as model_module
+from afm_mlx import cpu
+from afm_mlx.adapters import load_adapter
+from afm_mlx.converters.torch_zip import save_checkpoint
+from afm_mlx.presets import tiny_base
+from adapter_fixtures import toolkit_lora
+from toolkit_fixtures import mlx_model_from_toolkit, toolkit_weights
+
+TOKENS = [3, 17, 200, 5, 5, 99, 42, 7, 128, 1, 250, 64, 9, 33, 180, 2, 77, 140, 12, 201, 4]
+
+
+def test_row_parallel_splits_rows_over_streams_and_matches_whole(monkeypatch):
+    monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "3")
+    calls = []
+
+    def matmul(x, w, stream):
+        calls.append((w.shape[0], stream))
+        return mx.matmul(x, w.T, stream=stream)
+
+    x, w = mx.random.normal((2, 5, 16)), mx.random.normal((7, 16))
+    y = cpu.row_parallel(matmul, x, w)
+    assert [rows for rows, _ in calls] == [2, 2, 3]  # 7 rows in three blocks, in order
+    streams = [s for _, s in calls]
+    assert streams[0] is None and all(s is not None for s in streams[1:]) and streams[1] != streams[2]
+    np.testing.assert_array_equal(np.array(y), np.array(x @ w.T))
+
+
+def test_one_stream_means_no_split(monkeypatch):
+    monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "1")
+    calls = []
+    cpu.row_parallel(lambda x, w, s: calls.append(w.shape) or x @ w.T, mx.ones((1, 4)), mx.ones((6, 4)))
+    assert calls == [(6, 4)]
+
+
+def _model(quantized: bool, tune: bool, monkeypatch):
+    monkeypatch.setattr(loading, "tune_for_device", loading.tune_for_device if tune else lambda model: None)
+    model = mlx_model_from_toolkit(toolkit_weights(tiny_base(hidden_dim=128, num_heads=4, num_kv_heads=2), seed=3))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=2, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+        nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
+        if tune:
+            loading.tune_for_device(model)
+    return model
+
+
+def _steps(model) -> list[np.ndarray]:
+    """Prefill 9 tokens, decode 1, verify 4, roll back 2, verify 8: the logits of each call."""
+    cache = model.make_cache()
+    tokens = mx.array(TOKENS)[None]
+    model.prefill(tokens[:, :9], cache)
+    logits = [model(tokens[:, 9:10], cache), model(tokens[:, 10:14], cache, num_logits=4)]
+    for c in cache:
+        c.trim(2)
+    logits.append(model(tokens[:, 12:20], cache))
+    return [np.array(x) for x in logits]
+
+
+def _plain_rope(x, periods, offset):
+    return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0, offset=offset, freqs=periods)
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["2-bit", "float"])
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
+def test_tuned_model_logits_are_bit_identical(quantized, adapter, monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 1)
+    monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "2")
+    tuned, plain = _model(quantized, True, monkeypatch), _model(quantized, False, monkeypatch)
+    args = tuned.args  # every projection, the head and every norm were swapped
+    layers = args.num_regular_layers + args.num_kv_reuse_layers
+    assert cpu.tune_for_cpu(tuned) == {"parallel": 0, "fused_norms": 0}  # already done: nothing left to swap
+    assert sum(isinstance(m, cpu.FusedRMSNorm) for _, m in tuned.named_modules()) == \
+        3 * layers + args.num_regular_layers + 1
+    assert sum(type(m).__name__.startswith("Parallel") for _, m in tuned.named_modules()) == 5 * layers + 1
+    if adapter:
+        path = tmp_path / "adapter.pt"
+        save_checkpoint(path, toolkit_lora(args, 5, rank=4, gain=50.0).items())
+        for model in (tuned, plain):
+            load_adapter(model, path, activate=True)
+    tuned_logits = _steps(tuned)
+    monkeypatch.setattr(model_module.cpu, "fused_rope", _plain_rope)
+    plain_logits = _steps(plain)
+    for a, b in zip(tuned_logits, plain_logits):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_rope_equals_fast_rope_at_every_offset():
+    periods = model_module.rope_periods(32, 500000.0)
+    x = mx.random.normal((1, 4, 3, 32))
+    for offset in (0, 1, 7, 1000):
+        np.testing.assert_array_equal(np.array(cpu.fused_rope(x, periods, offset)),
+                                      np.array(_plain_rope(x, periods, offset)))
+
+
+def test_demo_model_splits_only_its_head():
+    model, _ = loading.load_model()  # 8192 x 256 head: 2.1M weights; the linears are 0.2M at most
+    parallel = [name for name, m in model.named_modules() if type(m).__name__.startswith("Parallel")]
+    assert parallel == ["model.embedding"]
