@@ -1,11 +1,12 @@
 """MLX's CPU backend, made to use the machine: it runs each op on its stream's one thread, and runs rms_norm and
 rope (GPU kernels elsewhere) as graphs of a dozen small ops. On the CPU, after loading:
 
-- Matmuls with at least PARALLEL_MIN_WEIGHTS weight elements are split by output rows over one CPU stream per
+- A matmul call with at least PARALLEL_MIN_MACS multiply-adds is split by output rows over one CPU stream per
   core (each stream has its own thread) and the parts concatenated. Each output element is computed by the same
-  op from the same inputs, so results are bit-identical. On 2 cores: the demo head (8192 x 256, 4-bit) 1.9 ->
-  1.0 ms, a 3B 2048 x 6656 2-bit linear 11.9 -> 6.1 ms. Smaller ones are left whole: in the demo model,
-  splitting its 256 x 768 linears too cost 2.3 ms a step in cross-stream waits.
+  op from the same inputs, so results are bit-identical. On 2 cores: the demo head (8192 x 256, 4-bit, one row)
+  1.9 -> 1.0 ms, a 3B 2048 x 6656 2-bit linear 11.9 -> 6.1 ms. Smaller calls stay whole: splitting the demo's
+  one-row 256 x 768 calls too cost 2.3 ms a step in cross-stream waits. MLX's CPU matmuls cost rows x weights
+  (float ones too), so verification (k + 1 rows) and prefill calls qualify where decode calls do not.
 - rms_norm and rope run mx.compile'd, which fuses their fallback graphs (rope gets its offset as an array, so
   one trace serves every position): 0.3 and 0.5 ms of the demo's 8 ms step.
 AFM_MLX_CPU_STREAMS=1 turns the splitting off (default: one stream per core, at most MAX_STREAMS).
@@ -19,7 +20,10 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-PARALLEL_MIN_WEIGHTS = 1 << 20  # N * K; the demo head (2.1M) qualifies, its 0.2M-element linears do not
+# rows x N x K. The demo's one-row calls (<= 0.2M) stay whole but its head (2.1M) splits; with 2 rows its
+# 256 x 512 and 256 x 768 linears split too, which took a 2-row demo verify from 12.3 to 9.9 ms (1 << 20: no
+# linear splits below 6 rows).
+PARALLEL_MIN_MACS = 1 << 18
 MAX_STREAMS = 4
 
 
@@ -42,11 +46,11 @@ def _streams(count: int) -> tuple[mx.Stream, ...]:
 
 
 def row_parallel(matmul, x: mx.array, *weights: mx.array) -> mx.array:
-    """matmul(x, *weights, stream) -> [..., N], computed as row blocks of `weights` (all [N, ...]) on parallel
-    CPU streams and concatenated; the first block runs on the default stream."""
+    """matmul(x, *weights, stream) -> [..., N] for x [..., K]: when large enough, as row blocks of `weights`
+    (all [N, ...]) on parallel CPU streams, concatenated; the first block runs on the default stream."""
     n = weights[0].shape[0]
-    parts = min(stream_count(), n)
-    if parts < 2 or not on_cpu():
+    parts = min(stream_count(), n) if x.size * n >= PARALLEL_MIN_MACS and on_cpu() else 1
+    if parts < 2:
         return matmul(x, *weights, None)
     bounds = [n * i // parts for i in range(parts + 1)]
     streams = (None, *_streams(parts))
@@ -112,22 +116,15 @@ PARALLEL_CLASSES = {nn.QuantizedLinear: ParallelQuantizedLinear, nn.Linear: Para
                     nn.QuantizedEmbedding: ParallelQuantizedEmbedding, nn.Embedding: ParallelEmbedding}
 
 
-def _weight_elements(module: nn.Module) -> int:
-    w = module["weight"]
-    n, k = w.shape
-    return n * k * 32 // module.bits if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) else n * k
-
-
 def tune_for_cpu(model: nn.Module) -> dict[str, int]:
-    """Swap classes in place (parameters untouched): large matmuls -> row-parallel, RMSNorm -> fused.
+    """Swap classes in place (parameters untouched): affine matmuls -> row-parallel, RMSNorm -> fused.
 
     Returns how many modules of each kind were swapped. Run after loading and before adapters wrap.
     """
     counts = {"parallel": 0, "fused_norms": 0}
     for _, module in model.named_modules():
         kind = PARALLEL_CLASSES.get(type(module))
-        if kind is not None and getattr(module, "mode", "affine") == "affine" \
-                and _weight_elements(module) >= PARALLEL_MIN_WEIGHTS:
+        if kind is not None and getattr(module, "mode", "affine") == "affine":
             module.__class__ = kind
             counts["parallel"] += 1
         elif type(module) is nn.RMSNorm:

@@ -2,8 +2,8 @@
 
 Each output row of a split matmul is computed by the same op from the same inputs, so a tuned model must give
 bit-identical logits to an untuned one, for quantized and float weights, prefill, decode and verify, with and
-without a LoRA adapter. The tiny test models are far below PARALLEL_MIN_WEIGHTS, so the tests lower it to 1 to
-split every matmul.
+without a LoRA adapter. The tiny test models' calls are far below PARALLEL_MIN_MACS, so the tests lower it to 1
+to split every matmul.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ TOKENS = [3, 17, 200, 5, 5, 99, 42, 7, 128, 1, 250, 64, 9, 33, 180, 2, 77, 140, 
 
 def test_row_parallel_splits_rows_over_streams_and_matches_whole(monkeypatch):
     monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "3")
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_MACS", 1)
     calls = []
 
     def matmul(x, w, stream):
@@ -78,7 +79,7 @@ def _plain_rope(x, periods, offset):
 @pytest.mark.parametrize("quantized", [True, False], ids=["2-bit", "float"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 def test_tuned_model_logits_are_bit_identical(quantized, adapter, monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_MACS", 1)
     monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "2")
     tuned, plain = _model(quantized, True, monkeypatch), _model(quantized, False, monkeypatch)
     args = tuned.args  # every projection, the head and every norm were swapped
@@ -107,7 +108,17 @@ def test_fused_rope_equals_fast_rope_at_every_offset():
                                       np.array(_plain_rope(x, periods, offset)))
 
 
-def test_demo_model_splits_only_its_head():
-    model, _ = loading.load_model()  # 8192 x 256 head: 2.1M weights; the linears are 0.2M at most
-    parallel = [name for name, m in model.named_modules() if type(m).__name__.startswith("Parallel")]
-    assert parallel == ["model.embedding"]
+@pytest.mark.parametrize("rows, n, parts", [(1, 768, 1), (2, 768, 2), (2, 256, 1), (1, 8192, 2)],
+                         ids=["demo-linear-decode", "demo-linear-verify-2", "demo-out-proj-verify-2", "demo-head"])
+def test_calls_split_by_multiply_adds(rows, n, parts, monkeypatch):
+    monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "2")
+    calls = []
+    cpu.row_parallel(lambda x, w, s: calls.append(w.shape) or x @ w.T, mx.ones((1, rows, 256)), mx.ones((n, 256)))
+    assert len(calls) == parts
+
+
+def test_demo_model_is_tuned_on_cpu():
+    model, _ = loading.load_model()
+    kinds = {type(m).__name__ for _, m in model.named_modules()}
+    assert {"ParallelQuantizedLinear", "ParallelQuantizedEmbedding", "FusedRMSNorm"} <= kinds
+    assert not kinds & {"QuantizedLinear", "QuantizedEmbedding", "RMSNorm"}
