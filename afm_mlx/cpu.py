@@ -34,10 +34,12 @@ def on_cpu() -> bool:
 def stream_count() -> int:
     """Streams a split matmul uses: AFM_MLX_CPU_STREAMS, else the cores this process may run on (<= MAX_STREAMS)."""
     setting = os.environ.get("AFM_MLX_CPU_STREAMS")
-    if setting:
-        return max(1, int(setting))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, MAX_STREAMS)
+    return max(1, int(setting)) if setting else min(_cores(), MAX_STREAMS)
+
+
+@lru_cache(maxsize=1)
+def _cores() -> int:  # a syscall (~50 us) on Linux: once per process
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @lru_cache(maxsize=None)
@@ -45,17 +47,32 @@ def _streams(count: int) -> tuple[mx.Stream, ...]:
     return tuple(mx.new_stream(mx.cpu) for _ in range(count - 1))
 
 
-def row_parallel(matmul, x: mx.array, *weights: mx.array) -> mx.array:
-    """matmul(x, *weights, stream) -> [..., N] for x [..., K]: when large enough, as row blocks of `weights`
-    (all [N, ...]) on parallel CPU streams, concatenated; the first block runs on the default stream."""
+def row_parallel(matmul, x: mx.array, module: nn.Module, names: tuple[str, ...]) -> mx.array:
+    """matmul(x, *weights, stream) -> [..., N] for x [..., K] and module's `names` weights (all [N, ...]): when
+    large enough, as row blocks of the weights on parallel CPU streams, concatenated (the first block on the
+    default stream)."""
+    weights = tuple(module[name] for name in names)
     n = weights[0].shape[0]
     parts = min(stream_count(), n) if x.size * n >= PARALLEL_MIN_MACS and on_cpu() else 1
     if parts < 2:
         return matmul(x, *weights, None)
-    bounds = [n * i // parts for i in range(parts + 1)]
     streams = (None, *_streams(parts))
-    outs = [matmul(x, *(w[lo:hi] for w in weights), s) for lo, hi, s in zip(bounds, bounds[1:], streams)]
-    return mx.concatenate(outs, axis=-1)
+    return mx.concatenate([matmul(x, *block, s) for block, s in zip(_row_blocks(module, weights, parts), streams)],
+                          axis=-1)
+
+
+def _row_blocks(module: nn.Module, weights: tuple[mx.array, ...], parts: int) -> list[tuple[mx.array, ...]]:
+    """The weights cut into `parts` row blocks: evaluated views (no copy), kept on the module while its weights
+    are these very arrays, so a decode step adds no slicing to the graph."""
+    cached = module.__dict__.get("_row_blocks")
+    if cached is None or cached[1] != parts or any(a is not b for a, b in zip(cached[0], weights)):
+        n = weights[0].shape[0]
+        bounds = [n * i // parts for i in range(parts + 1)]
+        blocks = [tuple(w[lo:hi] for w in weights) for lo, hi in zip(bounds, bounds[1:])]
+        mx.eval(blocks)
+        cached = (weights, parts, blocks)
+        object.__setattr__(module, "_row_blocks", cached)  # not a parameter
+    return cached[2]
 
 
 def _quantized(module: nn.Module):
@@ -69,26 +86,29 @@ def _float(x: mx.array, w: mx.array, stream) -> mx.array:
     return mx.matmul(x, w.T, stream=stream)
 
 
+QUANTIZED, FLOAT = ("weight", "scales", "biases"), ("weight",)
+
+
 class ParallelQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        y = row_parallel(_quantized(self), x, self["weight"], self["scales"], self["biases"])
+        y = row_parallel(_quantized(self), x, self, QUANTIZED)
         return y + self["bias"] if "bias" in self else y
 
 
 class ParallelLinear(nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
-        y = row_parallel(_float, x, self["weight"])
+        y = row_parallel(_float, x, self, FLOAT)
         return y + self["bias"] if "bias" in self else y
 
 
 class ParallelQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:  # the tied head
-        return row_parallel(_quantized(self), x, self["weight"], self["scales"], self["biases"])
+        return row_parallel(_quantized(self), x, self, QUANTIZED)
 
 
 class ParallelEmbedding(nn.Embedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        return row_parallel(_float, x, self["weight"])
+        return row_parallel(_float, x, self, FLOAT)
 
 
 @lru_cache(maxsize=None)

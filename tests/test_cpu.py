@@ -34,18 +34,21 @@ def test_row_parallel_splits_rows_over_streams_and_matches_whole(monkeypatch):
         calls.append((w.shape[0], stream))
         return mx.matmul(x, w.T, stream=stream)
 
-    x, w = mx.random.normal((2, 5, 16)), mx.random.normal((7, 16))
-    y = cpu.row_parallel(matmul, x, w)
+    x, linear = mx.random.normal((2, 5, 16)), nn.Linear(16, 7, bias=False)
+    y = cpu.row_parallel(matmul, x, linear, ("weight",))
     assert [rows for rows, _ in calls] == [2, 2, 3]  # 7 rows in three blocks, in order
     streams = [s for _, s in calls]
     assert streams[0] is None and all(s is not None for s in streams[1:]) and streams[1] != streams[2]
-    np.testing.assert_array_equal(np.array(y), np.array(x @ w.T))
+    np.testing.assert_array_equal(np.array(y), np.array(x @ linear.weight.T))
+    linear.weight = linear.weight * 2  # new weights: new blocks, not the cached ones
+    np.testing.assert_array_equal(np.array(cpu.row_parallel(matmul, x, linear, ("weight",))),
+                                  np.array(x @ linear.weight.T))
 
 
 def test_one_stream_means_no_split(monkeypatch):
     monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "1")
     calls = []
-    cpu.row_parallel(lambda x, w, s: calls.append(w.shape) or x @ w.T, mx.ones((1, 4)), mx.ones((6, 4)))
+    cpu.row_parallel(lambda x, w, s: calls.append(w.shape) or x @ w.T, mx.ones((1, 4)), nn.Linear(4, 6), ("weight",))
     assert calls == [(6, 4)]
 
 
@@ -113,7 +116,8 @@ def test_fused_rope_equals_fast_rope_at_every_offset():
 def test_calls_split_by_multiply_adds(rows, n, parts, monkeypatch):
     monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "2")
     calls = []
-    cpu.row_parallel(lambda x, w, s: calls.append(w.shape) or x @ w.T, mx.ones((1, rows, 256)), mx.ones((n, 256)))
+    cpu.row_parallel(lambda x, w, s: calls.append(w.shape) or x @ w.T, mx.ones((1, rows, 256)), nn.Linear(256, n),
+                     ("weight",))
     assert len(calls) == parts
 
 
