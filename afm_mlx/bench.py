@@ -1243,17 +1243,26 @@ def run_workloads(names: list[str], *, model_dir: str | Path | None = None, prom
         read_config(Path(model_dir).expanduser())  # a bad --model fails with its one line before any work
     out = Path(out_dir) if out_dir is not None else Path("benchmarks/results") / machine_slug(machine_info())
     written: list[Path] = []
+    failed: list[str] = []
     for name in names:
         config = configs[name]
         console.print(f"[bold]{name}[/]: building the workload ...")
-        workload = build_workload(name, model_dir, prompts, config)
-        total = count_runs(config, workload.draft is not None, len(config.engines))
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"{name}: runs", total=total)
-            results = run_benchmark(workload, config, lambda what: progress.advance(task))
+        try:
+            workload = build_workload(name, model_dir, prompts, config)
+            total = count_runs(config, workload.draft is not None, len(config.engines))
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task(f"{name}: runs", total=total)
+                results = run_benchmark(workload, config, lambda what: progress.advance(task))
+        except RuntimeError as err:  # MLX's errors (a backend fault, out of memory): the next workload still runs
+            failed.append(f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            console.print(f"[red]{failed[-1]}[/]; nothing written for {name}")
+            continue
+        finally:
+            workload = None  # free the weights before the next workload
         written += write_results(results, out, plots=plots)
-        del workload
     for path in written:
         console.print(f"wrote {path}")
+    if failed:
+        raise AFMError(f"{len(failed)} workload(s) failed: " + "; ".join(failed))
     return written

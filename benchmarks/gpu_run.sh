@@ -3,8 +3,9 @@
 #   0. the CUDA kernels: their GPU tests and benchmarks/kernels_bench.py --quick;
 #   1. demo family, every metric (prefill at 32/128/512, 64-token decode, k = 1..8 at T = 0 and 0.7, adapter),
 #      3 trials;
+#   1b. demo plain decode and k = 4 with the custom kernels off (AFM_MLX_KERNELS=0), to weigh kv_attention;
 #   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2..4
-#      at T = 0, adapter, 3 trials.
+#      at T = 0, adapter, 3 trials; if it fails, benchmarks/probe/full_prefill_probe.py names the failing op.
 # Results: $OUT/gpu_results.tar.gz (benchmarks/results/<backend>-<device>/...: JSON, markdown, PNGs), plus the
 # two markdown tables and the log as loose files (the device tool returns at most 8 files from $OUT).
 # Unpack here with:  tar xzf gpu_results.tar.gz -C benchmarks/results && python benchmarks/run_bench.py readme
@@ -29,7 +30,10 @@ DEMO_LIMIT=${DEMO_LIMIT:-180}
 FULL_LIMIT=${FULL_LIMIT:-150}
 KERNEL_TEST_LIMIT=${KERNEL_TEST_LIMIT:-60}
 KERNEL_BENCH_LIMIT=${KERNEL_BENCH_LIMIT:-100}
+KERNELS_OFF_LIMIT=${KERNELS_OFF_LIMIT:-60}
+PROBE_LIMIT=${PROBE_LIMIT:-90}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --time-budget 120}
+KERNELS_OFF_ARGS=${KERNELS_OFF_ARGS:---trials 3 --max-tokens 64 --ks 4 --temperatures 0 --prompt-lengths 128 --no-adapter --time-budget 40}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --time-budget 100}
 
 fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts
@@ -89,11 +93,17 @@ RESULTS=$(mktemp -d)/results
   if [ -f afm_mlx/demo_model/config.json ]; then
     echo "== demo family (limit ${DEMO_LIMIT}s)"
     timeout "$DEMO_LIMIT" $PY benchmarks/run_bench.py $DEMO_ARGS --out "$RESULTS/_machine_"
+    echo "== demo family, custom kernels off (limit ${KERNELS_OFF_LIMIT}s)"
+    AFM_MLX_KERNELS=0 timeout "$KERNELS_OFF_LIMIT" $PY benchmarks/run_bench.py $KERNELS_OFF_ARGS --no-plots \
+      --out "$RESULTS/_machine_/kernels-off"
   else
     echo "== demo family skipped: afm_mlx/demo_model is not in this checkout"
   fi
   echo "== full size, synthetic weights (limit ${FULL_LIMIT}s)"
-  timeout "$FULL_LIMIT" $PY benchmarks/run_bench.py $FULL_ARGS --out "$RESULTS/_machine_"
+  if ! timeout "$FULL_LIMIT" $PY benchmarks/run_bench.py $FULL_ARGS --out "$RESULTS/_machine_"; then
+    echo "== the full-size stage failed: probing its prefill op by op (limit ${PROBE_LIMIT}s)"
+    timeout "$PROBE_LIMIT" $PY benchmarks/probe/full_prefill_probe.py
+  fi
 } 2>&1 | tee "$LOG"
 # Name the results folder after the machine, as afm-mlx bench would by default.
 SLUG=$($PY -c "from afm_mlx.bench import machine_info, machine_slug; print(machine_slug(machine_info()))")

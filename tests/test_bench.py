@@ -93,6 +93,24 @@ def test_cli_bad_settings_fail_in_one_line(tmp_path, args, message):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_failing_workload_is_one_error_line_and_the_others_still_run(tmp_path, monkeypatch):
+    """A backend fault in one workload (seen: MLX's CUDA graph error on the 3B) must not lose the other results."""
+    real_run = bench.run_benchmark
+
+    def run(workload, config, progress=None):
+        if workload.name == "tiny" and not calls:
+            calls.append(1)
+            raise RuntimeError("cuGraphAddKernelNode(&node, graph_, NULL, 0, &params) failed: invalid argument\nmore")
+        return real_run(workload, config, progress)
+
+    calls = []
+    monkeypatch.setattr(bench, "run_benchmark", run)
+    with pytest.raises(bench.AFMError, match=r"^1 workload\(s\) failed: tiny: cuGraphAddKernelNode.*argument$"):
+        bench.run_workloads(["tiny", "tiny"], out_dir=tmp_path, plots=False,
+                            overrides={"ks": [1], "adapter": False, "engines": ["afm-mlx"]})
+    assert (tmp_path / "tiny.json").is_file()  # the second run of the workload was written
+
+
 def test_rounds_from_mlx_lm_flags():
     # k=3, 9 tokens: round 1 accepts 2 (T T F), round 2 none (F), round 3 all 3 + target (T T T F),
     # round 4 proposes min(3, 9 - 8) = 1 and stops at max_tokens after accepting it (T).
