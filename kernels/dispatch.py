@@ -5,7 +5,8 @@
 - Kernels are built on first use: `mx.fast.cuda_kernel` raises on a machine without CUDA, and building a Metal
   kernel JITs a library, so neither happens at import.
 - The first call for each shape class (kernel, dtype, template arguments) also runs the float32 reference and
-  compares with the tolerance table; a kernel that disagrees or fails is replaced by the reference for the rest
+  compares with the tolerance table (float32 kernels: float16's row while MLX may run that reference in TF32,
+  see tolerances.self_check_dtype); a kernel that disagrees or fails is replaced by the reference for the rest
   of the process, with one warning. Tests route "metal" through the CPU emulator by replacing `FACTORIES["metal"]`.
 """
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .tolerances import within_tolerance
+from .tolerances import self_check_dtype, within_tolerance
 
 HERE = Path(__file__).resolve().parent
 
@@ -111,7 +112,7 @@ def checked(shape_class: tuple, run_kernel: Callable[[], mx.array], run_oracle: 
     try:
         out = run_kernel()
         mx.eval(out)
-        ok, detail = within_tolerance(out, run_oracle(), dtype)
+        ok, detail = within_tolerance(out, run_oracle(), self_check_dtype(dtype, backend()))
     except Exception as err:  # a kernel that does not build or run must not take the model down
         if "transformations" in str(err):  # inside mx.compile / vmap: cannot check now, check on an eager call
             return run_fallback()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -51,6 +53,25 @@ def test_a_kernel_that_cannot_be_built_falls_back(monkeypatch, inputs):
     finally:
         dispatch.force_backend(None)
     np.testing.assert_array_equal(np.array(y), np.array(qmm_small_reference(*inputs, bits=4, group_size=32)))
+
+
+@pytest.mark.parametrize("tf32, accepted", [("1", True), ("0", False)])
+def test_float32_self_check_allows_for_a_tf32_oracle_unless_tf32_is_off(monkeypatch, tf32, accepted):
+    """On a GPU MLX's float32 reference runs in TF32 by default: a float32 kernel off by 1e-3 of max|ref| (TF32's
+    order, seen on an H200) passes the self-check then, and fails it with MLX_ENABLE_TF32=0."""
+    monkeypatch.setenv("MLX_ENABLE_TF32", tf32)
+    ref = mx.array(np.linspace(-25, 25, 64, dtype=np.float32))
+    dispatch.force_backend("cuda")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dispatch.checked(("tf32-test", tf32), run_kernel=lambda: ref + 25 * 1.2e-3, run_oracle=lambda: ref,
+                             run_fallback=lambda: ref, dtype=mx.float32)  # fmt: skip
+        assert dispatch.verdicts()[("tf32-test", tf32)] is accepted
+    finally:
+        dispatch.force_backend(None)
+    assert dispatch.self_check_dtype(mx.float32, "cpu") == mx.float32  # the CPU has no TF32
+    assert dispatch.self_check_dtype(mx.bfloat16, "cuda") == mx.bfloat16
 
 
 def test_inside_mx_compile_the_check_waits_for_an_eager_call(inputs):
