@@ -111,6 +111,14 @@ def test_a_failing_workload_is_one_error_line_and_the_others_still_run(tmp_path,
     assert (tmp_path / "tiny.json").is_file()  # the second run of the workload was written
 
 
+def test_ratios_pair_the_interleaved_trials():
+    """The demo's CPU decode trials of one run (tok/s): a slow spell of the shared machine hit trial 2 of both
+    engines. Pairs divide it out (1.14, 1.20, 0.97 -> 1.14); the ratio of the medians (135 / 139 = 0.97) does not."""
+    ours, theirs = [160.3, 124.3, 135.2], [140.4, 103.5, 139.3]
+    assert bench.paired_ratio(ours, theirs) == pytest.approx(160.3 / 140.4)
+    assert bench.paired_ratio(ours, []) is None
+
+
 def test_rounds_from_mlx_lm_flags():
     # k=3, 9 tokens: round 1 accepts 2 (T T F), round 2 none (F), round 3 all 3 + target (T T T F),
     # round 4 proposes min(3, 9 - 8) = 1 and stops at max_tokens after accepting it (T).
