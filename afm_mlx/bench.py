@@ -852,8 +852,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     engines, gpu, out = results["engines"], results["machine"]["backend"] != "cpu", []
     ours, theirs = engines.get("afm-mlx"), engines.get("mlx-lm")
     if ours and theirs:
-        for key, decode in ours["decode"].items():
-            ratio = decode["tps"] / theirs["decode"][key]["tps"] if theirs["decode"][key]["tps"] else 0.0
+        for key, ratio in ratios(engines)["decode_tps"].items():
+            ratio = ratio or 0.0
             out.append({"goal": f"plain decode >= 1.1x mlx-lm ({key})", "value": ratio, "met": ratio >= 1.1})
     spec = (ours or {}).get("speculative", {}).get("T=0", [])
     if spec and results["workload"]["name"] != "full":
