@@ -808,9 +808,10 @@ def bench_adapter(engine: AfmEngine, workload: Workload, config: BenchConfig, ti
     finally:
         set_active_adapter(model, None)
         unload_adapter(model, name)
-    without, with_ = (_median([r.decode_tps for r in runs[s]]) for s in ("without", "with"))
+    without, with_ = ([r.decode_tps for r in runs[s]] for s in ("without", "with"))
     return {"status": "measured", "rank": rank, "adapter_parameters": adapter.num_parameters,
-            "tps_without": without, "tps_with": with_, "slowdown": 1 - with_ / without if without else 0.0,
+            "tps_without": _median(without), "tps_with": _median(with_),
+            "slowdown": 1 - (paired_ratio(with_, without) or 1.0),  # trials interleaved, as between engines
             "note": "random weights, every projection adapted (Q/K/V, out, gate, up, down; q/out in reuse layers)"}
 
 
