@@ -69,7 +69,12 @@ def _row_blocks(module: nn.Module, weights: tuple[mx.array, ...], parts: int) ->
         n = weights[0].shape[0]
         bounds = [n * i // parts for i in range(parts + 1)]
         blocks = [tuple(w[lo:hi] for w in weights) for lo, hi in zip(bounds, bounds[1:])]
-        mx.eval(blocks)
+        try:
+            mx.eval(blocks)
+        except ValueError as err:  # traced weights (mx.compile with the model state as inputs): slice lazily
+            if "transformations" not in str(err):
+                raise
+            return blocks
         cached = (weights, parts, blocks)
         object.__setattr__(module, "_row_blocks", cached)  # not a parameter
     return cached[2]

@@ -45,6 +45,17 @@ def test_row_parallel_splits_rows_over_streams_and_matches_whole(monkeypatch):
                                   np.array(x @ linear.weight.T))
 
 
+def test_a_first_call_inside_mx_compile_splits_lazily(monkeypatch):
+    monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "2")
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_MACS", 1)
+    linear = nn.Linear(16, 6, bias=False)
+    linear.__class__ = cpu.ParallelLinear
+    x = mx.random.normal((3, 16))
+    y = mx.compile(lambda x: linear(x), inputs=linear.state)(x)  # the weights are traced: no eval possible
+    assert "_row_blocks" not in linear.__dict__  # nothing evaluated (or cached) while tracing
+    np.testing.assert_array_equal(np.array(y), np.array(x @ linear.weight.T))
+
+
 def test_one_stream_means_no_split(monkeypatch):
     monkeypatch.setenv("AFM_MLX_CPU_STREAMS", "1")
     calls = []
