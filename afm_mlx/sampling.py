@@ -90,6 +90,12 @@ def filtered_probs(logits: mx.array, params: SamplingParams) -> mx.array:
     """The distribution a token is drawn from: float32 [..., V], exactly 0 outside the filters, rows sum to 1."""
     if params.greedy:
         return _one_hot_argmax(logits)
+    return mx.softmax(filtered_logits(logits, params), axis=-1, precise=True)
+
+
+def filtered_logits(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Sampling params only: the tempered logits, float32 [..., V], -inf outside the filters (softmax of them is
+    filtered_probs)."""
     return _compiled_filter(float(params.temperature), int(params.top_k), float(params.top_p), float(params.min_p))(
         logits
     )
@@ -117,7 +123,7 @@ def _filter(logits: mx.array, *, temperature: float, top_k: int, top_p: float, m
     if min_p > 0.0:
         # p >= min_p * p_max  <=>  x - max(x) >= log(min_p)
         x = mx.where(x - x.max(axis=-1, keepdims=True) < math.log(min_p), -mx.inf, x)
-    return mx.softmax(x, axis=-1, precise=True)
+    return x
 
 
 def _top_p(x: mx.array, top_p: float) -> mx.array:
@@ -140,10 +146,20 @@ def sample(probs: mx.array, key: mx.array | None = None) -> mx.array:
 
 def sample_token(logits: mx.array, params: SamplingParams, key: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """(token int32 [...], probs float32 [..., V]): the token and the filtered distribution it was drawn from."""
-    probs = filtered_probs(logits, params)
     if params.greedy:
-        return mx.argmax(logits, axis=-1).astype(mx.int32), probs
-    return sample(probs, key), probs
+        return mx.argmax(logits, axis=-1).astype(mx.int32), _one_hot_argmax(logits)
+    # Drawn from the filtered logits, not log(probs): the same distribution, and when only the token is used
+    # (plain decoding) the softmax is never evaluated.
+    x = filtered_logits(logits, params)
+    token = _categorical(x, key) if key is not None else mx.random.categorical(x, axis=-1).astype(mx.int32)
+    return token, mx.softmax(x, axis=-1, precise=True)
+
+
+@mx.compile
+def _categorical(logits: mx.array, key: mx.array) -> mx.array:
+    # Compiled, the Gumbel-max draw is one fused kernel plus the argmax: 243 -> 203 us per token on the CPU. Only
+    # with an explicit key: a compiled draw from the global generator would freeze its state into the graph.
+    return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
 
 
 class RandomKeys:

@@ -203,6 +203,28 @@ def test_batched_draws_follow_the_filtered_distribution(filtered):
     assert _pooled_chisquare(counts, unfiltered) < 1e-6
 
 
+def test_sample_token_draws_follow_the_filtered_distribution(filtered):
+    """sample_token draws from the filtered logits (not log(probs)): the same distribution."""
+    logits, probs = filtered
+    n = 40_000
+    params = SamplingParams(temperature=0.8, top_k=16, top_p=0.95)
+    tokens, _ = sample_token(mx.broadcast_to(logits, (n, V)), params, RandomKeys(5).next())
+    counts = np.bincount(np.array(tokens), minlength=V)
+    assert counts[probs == 0].sum() == 0
+    assert _pooled_chisquare(counts, probs) > 1e-3
+
+
+def test_without_a_key_draws_come_from_the_global_generator():
+    logits = mx.zeros((1, 1000))
+    params = SamplingParams(temperature=1.0)
+    draws = {sample_token(logits, params)[0].item() for _ in range(20)}
+    assert len(draws) > 10  # not one frozen draw
+    mx.random.seed(9)
+    first = [sample_token(logits, params)[0].item() for _ in range(5)]
+    mx.random.seed(9)
+    assert [sample_token(logits, params)[0].item() for _ in range(5)] == first
+
+
 def test_draws_with_successive_keys_follow_the_filtered_distribution(filtered):
     _, probs = filtered
     keys = RandomKeys(11).split(4_000)
