@@ -41,6 +41,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import cpu
 from .dtypes import backend_name, compute_dtype
 from .errors import AFMError
 from .loading import tune_for_device
@@ -120,6 +121,7 @@ def machine_info() -> dict[str, Any]:
         "bandwidth_gbps": bandwidth,
         "bandwidth_note": "known device" if bandwidth else "unknown for this device: roofline fractions omitted",
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu_streams": cpu.stream_count() if backend == "cpu" else None,  # afm-mlx's matmul split (afm_mlx.cpu)
         "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
         "versions": {p: _version(p) for p in ("afm-mlx", "mlx", "mlx-lm", "numpy")},
         "git": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -979,7 +981,8 @@ def _machine_line(results: dict[str, Any]) -> str:
     commit = git["commit"][:10] + (" (uncommitted changes)" if git.get("dirty") else "")
     bandwidth = f"{m['bandwidth_gbps']:,.0f} GB/s" if m["bandwidth_gbps"] else "bandwidth unknown"
     v = m["versions"]
-    return (f"{m['backend']} backend on {m['device']} ({bandwidth}, {m['cpu_count']} CPU cores, "
+    streams = f", afm-mlx matmuls over {m['cpu_streams']} CPU stream(s)" if m.get("cpu_streams") else ""
+    return (f"{m['backend']} backend on {m['device']} ({bandwidth}, {m['cpu_count']} CPU cores{streams}, "
             f"{m['compute_dtype']}); mlx {v['mlx']}, mlx-lm {v['mlx-lm']}, afm-mlx {v['afm-mlx']}, "
             f"commit {commit}, {m['date']}")
 
