@@ -4,7 +4,8 @@
 #   0. the CUDA kernels: their GPU tests and benchmarks/kernels_bench.py --quick;
 #   1. demo family, every metric (prefill at 32/128/512, 64-token decode, k = 1..8 at T = 0 and 0.7, adapter),
 #      3 trials;
-#   1b. demo plain decode and k = 4 with the custom kernels off (AFM_MLX_KERNELS=0), to weigh kv_attention;
+#   1b. benchmarks/probe/decode_probe.py: demo plain decode with the kv_attention kernel off, and with the K/V
+#       quantise helper compiled, interleaved with mlx-lm, plus graph nodes per decode step;
 #   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2..4
 #      at T = 0, adapter, 3 trials; if it fails, benchmarks/probe/full_prefill_probe.py names the failing op.
 # Results: $OUT/gpu_results.tar.gz (benchmarks/results/<backend>-<device>/...: JSON, markdown, PNGs), plus the
@@ -31,10 +32,9 @@ DEMO_LIMIT=${DEMO_LIMIT:-150}
 FULL_LIMIT=${FULL_LIMIT:-150}
 KERNEL_TEST_LIMIT=${KERNEL_TEST_LIMIT:-60}
 KERNEL_BENCH_LIMIT=${KERNEL_BENCH_LIMIT:-80}
-KERNELS_OFF_LIMIT=${KERNELS_OFF_LIMIT:-50}
+DECODE_PROBE_LIMIT=${DECODE_PROBE_LIMIT:-50}
 PROBE_LIMIT=${PROBE_LIMIT:-60}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --time-budget 120}
-KERNELS_OFF_ARGS=${KERNELS_OFF_ARGS:---trials 3 --max-tokens 64 --ks 4 --temperatures 0 --prompt-lengths 128 --no-adapter --time-budget 30}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --time-budget 100}
 
 fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts
@@ -94,9 +94,8 @@ RESULTS=$(mktemp -d)/results
   if [ -f afm_mlx/demo_model/config.json ]; then
     echo "== demo family (limit ${DEMO_LIMIT}s)"
     timeout "$DEMO_LIMIT" $PY benchmarks/run_bench.py $DEMO_ARGS --out "$RESULTS/_machine_"
-    echo "== demo family, custom kernels off (limit ${KERNELS_OFF_LIMIT}s)"
-    AFM_MLX_KERNELS=0 timeout "$KERNELS_OFF_LIMIT" $PY benchmarks/run_bench.py $KERNELS_OFF_ARGS --no-plots \
-      --out "$RESULTS/_machine_/kernels-off"
+    echo "== where demo decode loses to mlx-lm (limit ${DECODE_PROBE_LIMIT}s)"
+    timeout "$DECODE_PROBE_LIMIT" $PY benchmarks/probe/decode_probe.py
   else
     echo "== demo family skipped: afm_mlx/demo_model is not in this checkout"
   fi

@@ -1,0 +1,95 @@
+"""Probe (GPU session): where the demo model's plain decode loses to mlx-lm's on a launch-bound GPU.
+
+On the H200 afm-mlx decoded the demo model at 722 tok/s against mlx-lm's 1,283. This measures, on the same
+weights and prompts, interleaved trial by trial, afm-mlx's plain greedy decode under variants that each remove
+one suspect, next to mlx-lm, and counts the graph nodes of one decode step (a launch-bound GPU pays per node):
+
+    default          afm-mlx as shipped
+    kernels-off      AFM_MLX_KERNELS=0 semantics: dequantise + MLX SDPA instead of the kv_attention kernel
+    compiled-int8    the K/V quantise helper mx.compile'd (shapeless, as mlx-lm's fake_8bit_quant is)
+
+    python benchmarks/probe/decode_probe.py [--trials 5] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import statistics
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+import afm_mlx.model as M
+from afm_mlx import bench, kernels
+
+
+PLAIN_INT8 = M.int8_codes
+COMPILED_INT8 = mx.compile(PLAIN_INT8, shapeless=True)  # one compiled function for every trial
+
+
+@contextmanager
+def variant(name: str):
+    original = M.int8_codes
+    try:
+        if name == "kernels-off":
+            kernels.set_enabled(False)
+        elif name == "compiled-int8":
+            M.int8_codes = COMPILED_INT8
+        yield
+    finally:
+        kernels.set_enabled(True)
+        M.int8_codes = original
+
+
+def step_nodes(forward, cache_factory, prompt: list[int]) -> int:
+    """Nodes of one decode step's graph (mx.export_to_dot), after a prefill of `prompt`."""
+    cache = cache_factory()
+    mx.eval(forward(mx.array([prompt]), cache))
+    out = forward(mx.array([[prompt[-1]]]), cache)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, out)
+    return len(re.findall(r"label ?=\"", dot.getvalue()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    workload = bench.demo_workload(None, None, 128, args.trials)
+    ours = bench.AfmEngine(workload.model, None, workload.vocab_size)
+    theirs = bench.MlxLmEngine(workload.model, None)
+    names = ["default", "kernels-off", "compiled-int8"]
+    tps: dict[str, list[float]] = {n: [] for n in names + ["mlx-lm"]}
+    for trial in range(-1, args.trials):  # trial -1: warm-up (kernel builds, compiles)
+        prompt = workload.prompt(128, max(trial, 0))
+        for name in names:
+            with variant(name):
+                run = ours.run(prompt, args.tokens, 0.0, None, 0)
+            if trial >= 0:
+                tps[name].append(run.decode_tps)
+        run = theirs.run(prompt, args.tokens, 0.0, None, 0)
+        if trial >= 0:
+            tps["mlx-lm"].append(run.decode_tps)
+    print(f"{mx.default_device()}, mlx {mx.__version__}: demo plain greedy decode, {args.tokens} tokens after 128, "
+          f"{args.trials} interleaved trials")
+    prompt = workload.prompt(128, 0)
+    for name in names + ["mlx-lm"]:
+        if name == "mlx-lm":
+            with bench.mlx_lm_patches():
+                from mlx_lm.models.cache import make_prompt_cache
+                nodes = step_nodes(lambda t, c: theirs.model(t, cache=c), lambda: make_prompt_cache(theirs.model),
+                                   prompt)
+        else:
+            with variant(name):
+                nodes = step_nodes(lambda t, c: workload.model(t, c, num_logits=1), workload.model.make_cache,
+                                   prompt)
+        ratio = statistics.median(a / b for a, b in zip(tps[name], tps["mlx-lm"]))
+        print(f"{name:>14}: {statistics.median(tps[name]):8.1f} tok/s  ({ratio:.2f}x mlx-lm, paired)  "
+              f"{nodes} graph nodes per decode step")
+
+
+if __name__ == "__main__":
+    main()
