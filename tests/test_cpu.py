@@ -20,9 +20,7 @@ from afm_mlx.adapters import load_adapter
 from afm_mlx.converters.torch_zip import save_checkpoint
 from afm_mlx.presets import tiny_base
 from adapter_fixtures import toolkit_lora
-from toolkit_fixtures import mlx_model_from_toolkit, toolkit_weights
-
-TOKENS = [3, 17, 200, 5, 5, 99, 42, 7, 128, 1, 250, 64, 9, 33, 180, 2, 77, 140, 12, 201, 4]
+from toolkit_fixtures import decode_verify_logits, mlx_model_from_toolkit, quantize_tiny, toolkit_weights
 
 
 def test_row_parallel_splits_rows_over_streams_and_matches_whole(monkeypatch):
@@ -67,23 +65,10 @@ def _model(quantized: bool, tune: bool, monkeypatch):
     monkeypatch.setattr(loading, "tune_for_device", loading.tune_for_device if tune else lambda model: None)
     model = mlx_model_from_toolkit(toolkit_weights(tiny_base(hidden_dim=128, num_heads=4, num_kv_heads=2), seed=3))
     if quantized:
-        nn.quantize(model, group_size=32, bits=2, class_predicate=lambda p, m: isinstance(m, nn.Linear))
-        nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
+        quantize_tiny(model)
         if tune:
             loading.tune_for_device(model)
     return model
-
-
-def _steps(model) -> list[np.ndarray]:
-    """Prefill 9 tokens, decode 1, verify 4, roll back 2, verify 8: the logits of each call."""
-    cache = model.make_cache()
-    tokens = mx.array(TOKENS)[None]
-    model.prefill(tokens[:, :9], cache)
-    logits = [model(tokens[:, 9:10], cache), model(tokens[:, 10:14], cache, num_logits=4)]
-    for c in cache:
-        c.trim(2)
-    logits.append(model(tokens[:, 12:20], cache))
-    return [np.array(x) for x in logits]
 
 
 def _plain_rope(x, periods, offset):
@@ -107,9 +92,9 @@ def test_tuned_model_logits_are_bit_identical(quantized, adapter, monkeypatch, t
         save_checkpoint(path, toolkit_lora(args, 5, rank=4, gain=50.0).items())
         for model in (tuned, plain):
             load_adapter(model, path, activate=True)
-    tuned_logits = _steps(tuned)
+    tuned_logits = decode_verify_logits(tuned)
     monkeypatch.setattr(model_module.cpu, "fused_rope", _plain_rope)
-    plain_logits = _steps(plain)
+    plain_logits = decode_verify_logits(plain)
     for a, b in zip(tuned_logits, plain_logits):
         np.testing.assert_array_equal(a, b)
 

@@ -11,45 +11,30 @@ from __future__ import annotations
 import warnings
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 
 from afm_mlx import kernels
 from afm_mlx.presets import tiny_base
 from kernel_oracles import assert_close, emulated, kernel_verdicts
-from toolkit_fixtures import mlx_model_from_toolkit, toolkit_weights
-
-TOKENS = [3, 17, 200, 5, 5, 99, 42, 7, 128, 1, 250, 64, 9, 33, 180, 2, 77, 140, 12, 201, 4]
+from toolkit_fixtures import (STEP_TOKENS, decode_verify_logits, mlx_model_from_toolkit, quantize_tiny,
+                              toolkit_weights)
 
 
 def quantized_tiny_model():
-    model = mlx_model_from_toolkit(toolkit_weights(tiny_base(hidden_dim=128, num_heads=4, num_kv_heads=2), seed=3))
-    nn.quantize(model, group_size=32, bits=2, class_predicate=lambda p, m: isinstance(m, nn.Linear))
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
+    model = quantize_tiny(mlx_model_from_toolkit(toolkit_weights(tiny_base(hidden_dim=128, num_heads=4,
+                                                                           num_kv_heads=2), seed=3)))
     args = model.args  # five projections in every regular (qkv, out, gate, up, down) and reuse layer
     assert kernels.use_small_batch_kernels(model) == 5 * (args.num_regular_layers + args.num_kv_reuse_layers)
     return model
 
 
-def run_steps(model) -> list[np.ndarray]:
-    """Prefill 9 tokens, then decode 1, verify 4 (num_logits=4), roll back 2, verify 8: the logits of each call."""
-    cache = model.make_cache()
-    tokens = mx.array(TOKENS)[None]
-    model.prefill(tokens[:, :9], cache)
-    logits = [model(tokens[:, 9:10], cache), model(tokens[:, 10:14], cache, num_logits=4)]
-    for c in cache:
-        c.trim(2)
-    logits.append(model(tokens[:, 12:20], cache))
-    return [np.array(x) for x in logits]
-
-
 def test_model_logits_with_kernels_equal_without():
     model = quantized_tiny_model()
-    without = run_steps(model)
+    without = decode_verify_logits(model)
     with emulated("metal"), warnings.catch_warnings():
         warnings.simplefilter("error")  # no kernel may fail its self-check and fall back
-        with_kernels = run_steps(model)
+        with_kernels = decode_verify_logits(model)
         qmm_checks, attention_checks = kernel_verdicts("qmm_small"), kernel_verdicts("kv_attention")
     # the kernels really ran: M = 1, 4, 8 rows for the 2-bit linears and the 4-bit head; L = 1, 4, 8 queries
     assert len(qmm_checks) >= 6 and all(qmm_checks)
@@ -71,7 +56,7 @@ def test_every_attention_reads_int8_codes(monkeypatch):
 
     monkeypatch.setattr(kernels, "kv_attention", counting)
     with emulated("metal"):
-        model(mx.array(TOKENS[:5])[None], model.make_cache())
+        model(mx.array(STEP_TOKENS[:5])[None], model.make_cache())
     layers = model.args.num_regular_layers + model.args.num_kv_reuse_layers
     assert calls == [mx.int8] * layers
 
@@ -94,6 +79,6 @@ def test_model_keeps_mlx_quantized_matmul_on_cuda(monkeypatch):
     monkeypatch.setattr(qmm, "qmm_small", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(kernels, "qmm_small", lambda *a, **k: calls.append(1))
     with emulated("cuda"):
-        logits = model(mx.array(TOKENS[:5])[None], model.make_cache())
+        logits = model(mx.array(STEP_TOKENS[:5])[None], model.make_cache())
         assert not kernels.model_uses_qmm_small()
     assert calls == [] and logits.shape == (1, 5, model.args.vocab_size)
