@@ -31,7 +31,7 @@ import mlx.core as mx
 from .cache import KVCache
 from .errors import AFMError
 from .model import Model
-from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, filtered_probs, sample_token
+from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, filtered_probs, sample, sample_token
 
 
 # ---- one round: propose, verify, accept
@@ -108,7 +108,7 @@ def accept_sampled(p: mx.array, q: mx.array, drafts: mx.array, uniforms: mx.arra
     residual = mx.maximum(p - q_padded, 0.0)
     # A row with no residual mass has p == q, where rejection is impossible: any fallback is never used.
     residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, p)
-    corrections = mx.random.categorical(mx.log(residual), axis=-1, key=key).astype(mx.int32)
+    corrections = sample(residual, key)
     return num_accepted, _emitted(drafts, corrections, num_accepted)
 
 
