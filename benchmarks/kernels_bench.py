@@ -1,6 +1,6 @@
 """Cost of the custom kernels at M / L = 1..8 rows, against what MLX does without them.
 
-    python benchmarks/kernels_bench.py --quick        # < 2 minutes on a GPU
+    python benchmarks/kernels_bench.py --quick        # < 1 minute on a GPU: M / L in 1, 2, 4, 8, no sweep
     python benchmarks/kernels_bench.py                # more context lengths and repetitions
 
 - qmm_small vs mx.quantized_matmul: x[M, 2048] @ W[6656, 2048]^T (AFM's FFN up/gate shape), 2- and 4-bit, group 128
@@ -41,6 +41,8 @@ from afm_mlx.kernels.reference import dequantize_codes
 K, N = 2048, 6656
 ATTENTION_SHAPES = [("base", 16, 2, 128), ("draft", 8, 4, 32)]  # (name, heads, kv heads, head dim)
 QUICK_LENGTHS, FULL_LENGTHS = [1024, 4096], [512, 2048, 8192, 32768]
+# Every M (qmm) and L (attention) is its own template instance, compiled at first use (NVRTC: seconds each).
+QUICK_ROWS, FULL_ROWS = (1, 2, 4, 8), tuple(range(1, 9))
 SWEEP_LENGTH = 4096
 TIMING = {"quick": (0.15, 10), "full": (1.0, 20)}  # (seconds per measurement, calls per eval)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,12 +68,12 @@ def time_qmm(x, w, scales, biases, bits: int, group_size: int, budget: float, ba
     return ours, theirs
 
 
-def bench_qmm(dtype, groups: list[int], budget: float, batch: int) -> list[dict]:
+def bench_qmm(dtype, groups: list[int], ms: tuple[int, ...], budget: float, batch: int) -> list[dict]:
     rows = []
     for bits in (2, 4):
         for group_size in groups:
             w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size=group_size, bits=bits)
-            for m in range(1, 9):
+            for m in ms:
                 x = mx.random.normal((m, K)).astype(dtype)
                 ours, theirs = time_qmm(x, w, scales, biases, bits, group_size, budget, batch)
                 rows.append(dict(bits=bits, group_size=group_size, M=m, kernel_us=ours * 1e6, mlx_us=theirs * 1e6))
@@ -225,7 +227,8 @@ def write_atomically(path: Path, text: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="fewer cache lengths, group 128 only, short timings")
+    parser.add_argument("--quick", action="store_true",
+                        help="M = 1, 2, 4, 8, fewer cache lengths, group 128 only, short timings, no sweep")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="activation dtype (default: the model's compute dtype for this backend)")  # fmt: skip
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep (GPU only)")
@@ -245,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     mx.random.seed(0)
     print(f"backend {backend}, device {device}, dtype {dtype}", flush=True)
     start = time.perf_counter()
-    qmm_rows = bench_qmm(dtype, groups, budget, batch)
+    qmm_rows = bench_qmm(dtype, groups, QUICK_ROWS if args.quick else FULL_ROWS, budget, batch)
     attn_rows = bench_attention(dtype, lengths, budget, batch)
-    sweep = backend != "cpu" and not args.no_sweep
+    sweep = backend != "cpu" and not args.no_sweep and not args.quick
     sweep_rows = sweep_qmm(dtype, budget, batch) + sweep_attention(dtype, budget, batch) if sweep else []
     meta = dict(backend=backend, device=device, dtype=str(dtype).removeprefix("mlx.core."), mlx=mx.__version__,
                 K=K, N=N, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -2,11 +2,14 @@
 
 On the H200 afm-mlx decoded the demo model at 722 tok/s against mlx-lm's 1,283. This measures, on the same
 weights and prompts, interleaved trial by trial, afm-mlx's plain greedy decode under variants that each remove
-one suspect, next to mlx-lm, and counts the graph nodes of one decode step (a launch-bound GPU pays per node):
+one suspect, next to mlx-lm; counts the graph nodes of one decode step (a launch-bound GPU pays per node) and
+times its graph construction on the host (Python + MLX op creation, no evaluation) and one step evaluated alone
+(no pipelining: host build + device execution):
 
     default          afm-mlx as shipped
     kernels-off      AFM_MLX_KERNELS=0 semantics: dequantise + MLX SDPA instead of the kv_attention kernel
     compiled-int8    the K/V quantise helper mx.compile'd (shapeless, as mlx-lm's fake_8bit_quant is)
+    off+compiled     both
 
     python benchmarks/probe/decode_probe.py [--trials 5] [--tokens 64]
 """
@@ -17,6 +20,7 @@ import argparse
 import io
 import re
 import statistics
+import time
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -33,9 +37,9 @@ COMPILED_INT8 = mx.compile(PLAIN_INT8, shapeless=True)  # one compiled function 
 def variant(name: str):
     original = M.int8_codes
     try:
-        if name == "kernels-off":
+        if name in ("kernels-off", "off+compiled"):
             kernels.set_enabled(False)
-        elif name == "compiled-int8":
+        if name in ("compiled-int8", "off+compiled"):
             M.int8_codes = COMPILED_INT8
         yield
     finally:
@@ -43,14 +47,24 @@ def variant(name: str):
         M.int8_codes = original
 
 
-def step_nodes(forward, cache_factory, prompt: list[int]) -> int:
-    """Nodes of one decode step's graph (mx.export_to_dot), after a prefill of `prompt`."""
+def step_profile(forward, cache_factory, prompt: list[int], steps: int = 64) -> tuple[int, float, float]:
+    """(graph nodes of one decode step (mx.export_to_dot), median µs to build a step's graph, median µs for a
+    step built and evaluated alone), after a prefill of `prompt`; greedy, each step feeding the next."""
     cache = cache_factory()
-    mx.eval(forward(mx.array([prompt]), cache))
-    out = forward(mx.array([[prompt[-1]]]), cache)
+    y = mx.argmax(forward(mx.array([prompt]), cache)[:, -1], axis=-1)
+    mx.eval(y)
     dot = io.StringIO()
-    mx.export_to_dot(dot, out)
-    return len(re.findall(r"label ?=\"", dot.getvalue()))
+    mx.export_to_dot(dot, mx.argmax(forward(y[:, None], cache)[:, -1], axis=-1))
+    nodes = len(re.findall(r"label ?=\"", dot.getvalue()))
+    build, whole = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        y = mx.argmax(forward(y[:, None], cache)[:, -1], axis=-1)
+        built = time.perf_counter()
+        mx.eval(y)
+        build.append(built - start)
+        whole.append(time.perf_counter() - start)
+    return nodes, 1e6 * statistics.median(build), 1e6 * statistics.median(whole)
 
 
 def main() -> None:
@@ -61,35 +75,41 @@ def main() -> None:
     workload = bench.demo_workload(None, None, 128, args.trials)
     ours = bench.AfmEngine(workload.model, None, workload.vocab_size)
     theirs = bench.MlxLmEngine(workload.model, None)
-    names = ["default", "kernels-off", "compiled-int8"]
+    names = ["default", "kernels-off", "compiled-int8", "off+compiled"]
     tps: dict[str, list[float]] = {n: [] for n in names + ["mlx-lm"]}
+    failed: dict[str, str] = {}
     for trial in range(-1, args.trials):  # trial -1: warm-up (kernel builds, compiles)
         prompt = workload.prompt(128, max(trial, 0))
-        for name in names:
-            with variant(name):
-                run = ours.run(prompt, args.tokens, 0.0, None, 0)
+        for name in [n for n in names if n not in failed]:
+            try:
+                with variant(name):
+                    run = ours.run(prompt, args.tokens, 0.0, None, 0)
+            except RuntimeError as err:  # an MLX backend error in one variant must not cost the others
+                failed[name] = str(err).splitlines()[0][:200]
+                print(f"{name}: failed: {failed[name]}", flush=True)
+                continue
             if trial >= 0:
                 tps[name].append(run.decode_tps)
         run = theirs.run(prompt, args.tokens, 0.0, None, 0)
         if trial >= 0:
             tps["mlx-lm"].append(run.decode_tps)
+            print(f"trial {trial}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in tps.items() if v), flush=True)
     print(f"{mx.default_device()}, mlx {mx.__version__}: demo plain greedy decode, {args.tokens} tokens after 128, "
           f"{args.trials} interleaved trials")
     prompt = workload.prompt(128, 0)
-    for name in names + ["mlx-lm"]:
+    for name in [n for n in names if n not in failed] + ["mlx-lm"]:
         if name == "mlx-lm":
             with bench.mlx_lm_patches():
                 from mlx_lm.models.cache import make_prompt_cache
-                nodes = step_nodes(lambda t, c: theirs.model(t, cache=c), lambda: make_prompt_cache(theirs.model),
-                                   prompt)
+                nodes, build, whole = step_profile(lambda t, c: theirs.model(t, cache=c),
+                                                   lambda: make_prompt_cache(theirs.model), prompt)
         else:
             with variant(name):
-                nodes = step_nodes(lambda t, c: workload.model(t, c, num_logits=1), workload.model.make_cache,
-                                   prompt)
+                nodes, build, whole = step_profile(lambda t, c: workload.model(t, c, num_logits=1),
+                                                   workload.model.make_cache, prompt)
         ratio = statistics.median(a / b for a, b in zip(tps[name], tps["mlx-lm"]))
         print(f"{name:>14}: {statistics.median(tps[name]):8.1f} tok/s  ({ratio:.2f}x mlx-lm, paired)  "
-              f"{nodes} graph nodes per decode step")
-
+              f"{nodes} nodes/step, build {build:.0f} µs, build+eval alone {whole:.0f} µs", flush=True)
 
 if __name__ == "__main__":
     main()
