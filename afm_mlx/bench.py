@@ -44,7 +44,7 @@ from mlx.utils import tree_flatten
 from . import cpu
 from .dtypes import backend_name, compute_dtype
 from .errors import AFMError
-from .loading import tune_for_device
+from .loading import cast_floats, tune_for_device
 from .model import Model, ModelArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -302,8 +302,7 @@ def synthetic_model(args: ModelArgs, bits: int | None = 2, group_size: int = 128
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             _random_grid(module, rng, dtype)
             mx.eval(module.parameters())  # leaves only: evaluating a parent would build its lazy float init
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight = module.weight.astype(dtype)
+    cast_floats(model, dtype)  # norms too: a float32 norm weight would turn every activation float32
     _set_kv_scales(model)
     tune_for_device(model)
     mx.eval(model.parameters())

@@ -12,6 +12,7 @@ K/V are fake-quantised to int8 with one scalar scale per layer, so the cache sto
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import MISSING, dataclass, fields
 
 import mlx.core as mx
@@ -19,7 +20,7 @@ import mlx.nn as nn
 
 from . import cpu, kernels
 from .cache import KVCache
-from .kernels.reference import dequantize_codes as dequantize_int8  # KV fake-quant, dequantise half
+from .kernels.reference import dequantize_codes
 from .errors import AFMError
 
 
@@ -100,13 +101,29 @@ def rope(x: mx.array, periods: mx.array, offset: int) -> mx.array:
     return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0, offset=offset, freqs=periods)
 
 
+@partial(mx.compile, shapeless=True)  # elementwise: one trace for every shape
+def _int8_codes(x: mx.array, scale: mx.array) -> mx.array:
+    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
+
+
 def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
     """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32.
 
-    Not mx.compile'd (nor is the dequantise half): both GPU runs that stopped on an MLX CUDA-graph error went
-    through shapeless-compiled KV helpers (benchmarks/results/cuda-nvidia-h200), and the CPU gains nothing.
+    Compiled into one fused kernel: on a launch-bound GPU every node costs. (The CUDA-graph error the 3B prefill
+    once raised came from MLX's float32 quantized matmul at > 128 rows, not from these helpers:
+    benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run.log.)
     """
-    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
+    return _int8_codes(x, scale)
+
+
+_DEQUANTIZE = {}  # compute dtype -> compiled dequantise
+
+
+def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
+    """KV fake-quant, dequantise half (kernels.reference.dequantize_codes), compiled per dtype."""
+    if dtype not in _DEQUANTIZE:
+        _DEQUANTIZE[dtype] = mx.compile(lambda c, s: dequantize_codes(c, s, dtype), shapeless=True)
+    return _DEQUANTIZE[dtype](codes, scale)
 
 
 class Attention(nn.Module):
@@ -173,10 +190,10 @@ class KVHistory:
 def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
     """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
 
-    On a GPU, int8 histories go to the kernel that reads the codes; otherwise dequantise + SDPA, whose
-    "causal" mask is lower-right aligned.
+    Where it pays (kernels.model_uses_kv_attention), int8 histories go to the kernel that reads the codes;
+    otherwise dequantise + SDPA, whose "causal" mask is lower-right aligned.
     """
-    if kv.key_scale is not None and kernels.backend() != "cpu":
+    if kv.key_scale is not None and kernels.model_uses_kv_attention():
         return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
                                     kv_len=kv.length)
     keys, values = kv.floats(q.dtype)

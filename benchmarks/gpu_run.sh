@@ -19,6 +19,7 @@
 #           is gone on a fresh one)                                 -> joins, installs, benchmarks
 # Make the folders here with `bash benchmarks/gpu_run.sh --fetch-wheels` (pip download + split).
 # Every stage has its own time limit, so a slow stage costs its result, not the whole run.
+# STAGES (default "kernels demo probe full") picks stages, e.g. STAGES="probe full" for a short second run.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -36,6 +37,9 @@ DECODE_PROBE_LIMIT=${DECODE_PROBE_LIMIT:-50}
 PROBE_LIMIT=${PROBE_LIMIT:-60}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --time-budget 120}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --time-budget 100}
+PROBE_ARGS=${PROBE_ARGS:-}
+STAGES=" ${STAGES:-kernels demo probe full} "
+stage() { [[ "$STAGES" == *" $1 "* ]]; }
 
 fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts
   local tmp; tmp=$(mktemp -d)
@@ -88,21 +92,29 @@ RESULTS=$(mktemp -d)/results
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv
   $PY -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device(), mx.device_info())" || exit 5
-  echo "== CUDA kernels: tests vs the pure-MLX reference, then timings (limits ${KERNEL_TEST_LIMIT}s / ${KERNEL_BENCH_LIMIT}s)"
-  timeout "$KERNEL_TEST_LIMIT" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -rs
-  timeout "$KERNEL_BENCH_LIMIT" $PY benchmarks/kernels_bench.py --quick --out "$RESULTS/_machine_"
-  if [ -f afm_mlx/demo_model/config.json ]; then
-    echo "== demo family (limit ${DEMO_LIMIT}s)"
-    timeout "$DEMO_LIMIT" $PY benchmarks/run_bench.py $DEMO_ARGS --out "$RESULTS/_machine_"
-    echo "== where demo decode loses to mlx-lm (limit ${DECODE_PROBE_LIMIT}s)"
-    timeout "$DECODE_PROBE_LIMIT" $PY benchmarks/probe/decode_probe.py
-  else
-    echo "== demo family skipped: afm_mlx/demo_model is not in this checkout"
+  if stage kernels; then
+    echo "== CUDA kernels: tests vs the pure-MLX reference, then timings (limits ${KERNEL_TEST_LIMIT}s / ${KERNEL_BENCH_LIMIT}s)"
+    timeout "$KERNEL_TEST_LIMIT" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -rs
+    timeout "$KERNEL_BENCH_LIMIT" $PY benchmarks/kernels_bench.py --quick --out "$RESULTS/_machine_"
   fi
-  echo "== full size, synthetic weights (limit ${FULL_LIMIT}s)"
-  if ! timeout "$FULL_LIMIT" $PY benchmarks/run_bench.py $FULL_ARGS --out "$RESULTS/_machine_"; then
-    echo "== the full-size stage failed: probing its prefill op by op (limit ${PROBE_LIMIT}s)"
-    timeout "$PROBE_LIMIT" $PY benchmarks/probe/full_prefill_probe.py
+  if [ ! -f afm_mlx/demo_model/config.json ]; then
+    echo "== demo family skipped: afm_mlx/demo_model is not in this checkout"
+  else
+    if stage demo; then
+      echo "== demo family (limit ${DEMO_LIMIT}s)"
+      timeout "$DEMO_LIMIT" $PY benchmarks/run_bench.py $DEMO_ARGS --out "$RESULTS/_machine_"
+    fi
+    if stage probe; then
+      echo "== where demo decode loses to mlx-lm (limit ${DECODE_PROBE_LIMIT}s)"
+      timeout "$DECODE_PROBE_LIMIT" $PY benchmarks/probe/decode_probe.py $PROBE_ARGS
+    fi
+  fi
+  if stage full; then
+    echo "== full size, synthetic weights (limit ${FULL_LIMIT}s)"
+    if ! timeout "$FULL_LIMIT" $PY benchmarks/run_bench.py $FULL_ARGS --out "$RESULTS/_machine_"; then
+      echo "== the full-size stage failed: probing its prefill op by op (limit ${PROBE_LIMIT}s)"
+      timeout "$PROBE_LIMIT" $PY benchmarks/probe/full_prefill_probe.py
+    fi
   fi
 } 2>&1 | tee "$LOG"
 # Name the results folder after the machine, as afm-mlx bench would by default.

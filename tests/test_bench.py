@@ -138,6 +138,21 @@ def test_synthetic_weights_lie_on_the_affine_grid():
     assert np.abs(w).max() <= 1.5 / np.sqrt(w.shape[1]) + 1e-6
 
 
+def test_synthetic_model_computes_in_the_dtype_asked_for():
+    """Every float parameter in the compute dtype, norms included (a float32 norm weight turned the 3B's GPU
+    activations float32, where MLX's CUDA quantized matmul fails past 128 rows); kv-quant scales stay float32."""
+    model = bench.synthetic_model(bench.tiny_workload().model.args, bits=2, group_size=32, seed=1,
+                                  dtype=mx.bfloat16)
+    dtypes = {path: a.dtype for path, a in bench.tree_flatten(model.parameters()) if mx.issubdtype(a.dtype,
+                                                                                                  mx.floating)}
+    kv_scales = {p for p in dtypes if p.endswith(("quant_key_scale", "quant_value_scale"))}
+    assert kv_scales and all(dtypes[p] == mx.float32 for p in kv_scales)
+    assert {dtypes[p] for p in dtypes.keys() - kv_scales} == {mx.bfloat16}
+    assert any(p.endswith("input_layernorm.weight") for p in dtypes)
+    tokens = mx.array([[1, 2, 3]])
+    assert model(tokens, model.make_cache()).dtype == mx.bfloat16
+
+
 def test_mlx_lm_mirror_shares_arrays_and_matches_logits(tiny):
     from mlx_lm.models import afm7
 

@@ -69,16 +69,18 @@ def _no_leftover_backend():
     dispatch.force_backend(None)
 
 
-def test_model_keeps_mlx_quantized_matmul_on_cuda(monkeypatch):
-    """On CUDA the qmm_small kernel measured slower than MLX's own (MODEL_BACKENDS): the model must not route
-    its linears or its head through it there, while int8 attention still uses kv_attention."""
+def test_model_keeps_mlx_ops_on_cuda(monkeypatch):
+    """On CUDA both kernels measured slower in the model than MLX's own ops (qmm.MODEL_BACKENDS,
+    attention.MODEL_BACKENDS): the model must route neither its linears and head through qmm_small nor its
+    int8 attention through kv_attention there."""
     from afm_mlx.kernels import qmm
 
     model = quantized_tiny_model()
     calls = []
-    monkeypatch.setattr(qmm, "qmm_small", lambda *a, **k: calls.append(1))
-    monkeypatch.setattr(kernels, "qmm_small", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(qmm, "qmm_small", lambda *a, **k: calls.append("qmm_small"))
+    monkeypatch.setattr(kernels, "qmm_small", lambda *a, **k: calls.append("qmm_small"))
+    monkeypatch.setattr(kernels, "kv_attention", lambda *a, **k: calls.append("kv_attention"))
     with emulated("cuda"):
         logits = model(mx.array(STEP_TOKENS[:5])[None], model.make_cache())
-        assert not kernels.model_uses_qmm_small()
+        assert not kernels.model_uses_qmm_small() and not kernels.model_uses_kv_attention()
     assert calls == [] and logits.shape == (1, 5, model.args.vocab_size)

@@ -7,11 +7,15 @@ times its graph construction on the host (Python + MLX op creation, no evaluatio
 (no pipelining: host build + device execution):
 
     default          afm-mlx as shipped
-    kernels-off      AFM_MLX_KERNELS=0 semantics: dequantise + MLX SDPA instead of the kv_attention kernel
-    compiled-int8    the K/V quantise helper mx.compile'd (shapeless, as mlx-lm's fake_8bit_quant is)
-    off+compiled     both
+    kv-kernel        int8 attention through the kv_attention kernel on this backend too (CUDA: off by default,
+                     kernels/attention.py MODEL_BACKENDS)
+    kernels-off      AFM_MLX_KERNELS=0: no custom kernel anywhere
+    plain-kv         the K/V quantise / dequantise helpers uncompiled
 
-    python benchmarks/probe/decode_probe.py [--trials 5] [--tokens 64]
+The H100 run that chose today's defaults (kv_attention off on CUDA, compiled K/V helpers) measured variants of
+the then default; its log is benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run.log.
+
+    python benchmarks/probe/decode_probe.py [--trials 5] [--tokens 64] [--variants default,kv-kernel]
 """
 
 from __future__ import annotations
@@ -27,24 +31,31 @@ import mlx.core as mx
 
 import afm_mlx.model as M
 from afm_mlx import bench, kernels
+from afm_mlx.kernels import attention
+from afm_mlx.kernels.reference import dequantize_codes
 
 
-PLAIN_INT8 = M.int8_codes
-COMPILED_INT8 = mx.compile(PLAIN_INT8, shapeless=True)  # one compiled function for every trial
+VARIANTS = ["default", "kv-kernel", "kernels-off", "plain-kv"]
+
+
+def plain_int8_codes(x, scale):
+    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
 
 
 @contextmanager
 def variant(name: str):
-    original = M.int8_codes
+    saved = M.int8_codes, M.dequantize_int8, attention.MODEL_BACKENDS
     try:
-        if name in ("kernels-off", "off+compiled"):
+        if name == "kv-kernel":
+            attention.MODEL_BACKENDS = ("metal", "cuda")
+        elif name == "kernels-off":
             kernels.set_enabled(False)
-        if name in ("compiled-int8", "off+compiled"):
-            M.int8_codes = COMPILED_INT8
+        elif name == "plain-kv":
+            M.int8_codes, M.dequantize_int8 = plain_int8_codes, dequantize_codes
         yield
     finally:
         kernels.set_enabled(True)
-        M.int8_codes = original
+        M.int8_codes, M.dequantize_int8, attention.MODEL_BACKENDS = saved
 
 
 def step_profile(forward, cache_factory, prompt: list[int], steps: int = 64) -> tuple[int, float, float]:
@@ -71,11 +82,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
     args = parser.parse_args()
     workload = bench.demo_workload(None, None, 128, args.trials)
     ours = bench.AfmEngine(workload.model, None, workload.vocab_size)
     theirs = bench.MlxLmEngine(workload.model, None)
-    names = ["default", "kernels-off", "compiled-int8", "off+compiled"]
+    names = [n.strip() for n in args.variants.split(",")]
+    if set(names) - set(VARIANTS):
+        parser.error(f"unknown variant(s) {sorted(set(names) - set(VARIANTS))}; known: {VARIANTS}")
     tps: dict[str, list[float]] = {n: [] for n in names + ["mlx-lm"]}
     failed: dict[str, str] = {}
     for trial in range(-1, args.trials):  # trial -1: warm-up (kernel builds, compiles)
