@@ -713,17 +713,28 @@ def temperature_key(t: float) -> str:
 
 
 class Budget:
-    """A wall-clock budget for a whole benchmark: settings that would start after it are skipped, and listed."""
+    """A wall-clock budget for a whole benchmark: settings that would end after it are skipped, and listed.
+
+    A setting is expected to take as long as the last one timed with `timed` (a fresh GPU machine spends much
+    of its first settings compiling kernels, so a deadline checked only at the start of each was overrun).
+    """
 
     def __init__(self, seconds: float | None):
         self.deadline = None if seconds is None else time.perf_counter() + seconds
         self.skipped: list[str] = []
+        self.last_s = 0.0
 
     def allows(self, setting: str) -> bool:
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.deadline is not None and time.perf_counter() + self.last_s > self.deadline:
             self.skipped.append(setting)
             return False
         return True
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.last_s = time.perf_counter() - start
 
 
 def bench_speeds(engines: list, workload: Workload, config: BenchConfig, tick: Tick,
@@ -741,8 +752,9 @@ def bench_speeds(engines: list, workload: Workload, config: BenchConfig, tick: T
             out[name]["prefill"].append(prefill_summary(r))
     for t in config.temperatures:
         key = temperature_key(t)
-        plain = measure(engines, workload, config, tick, prompt_length=config.decode_prompt_length,
-                        max_tokens=config.max_tokens, temperature=t, k=None)
+        with budget.timed():  # the first estimate of a speculative setting's cost
+            plain = measure(engines, workload, config, tick, prompt_length=config.decode_prompt_length,
+                            max_tokens=config.max_tokens, temperature=t, k=None)
         for name, r in plain.items():
             out[name]["decode"][key] = decode_summary(r)
             out[name]["speculative"][key] = []
@@ -751,8 +763,9 @@ def bench_speeds(engines: list, workload: Workload, config: BenchConfig, tick: T
         for k in config.ks if workload.draft is not None else []:
             if not budget.allows(f"speculative {key} k={k}"):
                 continue
-            spec = measure(engines, workload, config, tick, prompt_length=config.decode_prompt_length,
-                           max_tokens=config.max_tokens, temperature=t, k=k)
+            with budget.timed():
+                spec = measure(engines, workload, config, tick, prompt_length=config.decode_prompt_length,
+                               max_tokens=config.max_tokens, temperature=t, k=k)
             for name, r in spec.items():
                 out[name]["speculative"][key].append(
                     speculative_summary(r, k, out[name]["decode"][key], plain[name] if t == 0.0 else None))

@@ -6,13 +6,13 @@ H query heads, KV key/value heads, D head dim.
 
 The base has two segments: `layers` (regular transformer layers, each with its own KV cache) and
 `kv_reuse_layers`, which compute only queries and attend to the K/V history of the *last* regular layer.
-K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes.
+K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes (afm_mlx.kv:
+the codes, the history the reuse layers read, and the attention over it).
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from dataclasses import MISSING, dataclass, fields
 
 import mlx.core as mx
@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from . import cpu, kernels
 from .cache import KVCache
-from .kernels.reference import dequantize_codes
+from .kv import KVHistory, attend, int8_codes
 from .errors import AFMError
 
 
@@ -101,31 +101,6 @@ def rope(x: mx.array, periods: mx.array, offset: int) -> mx.array:
     return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0, offset=offset, freqs=periods)
 
 
-@partial(mx.compile, shapeless=True)  # elementwise: one trace for every shape
-def _int8_codes(x: mx.array, scale: mx.array) -> mx.array:
-    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
-
-
-def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
-    """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32.
-
-    Compiled into one fused kernel: on a launch-bound GPU every node costs. (The CUDA-graph error the 3B prefill
-    once raised came from MLX's float32 quantized matmul at > 128 rows, not from these helpers:
-    benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run.log.)
-    """
-    return _int8_codes(x, scale)
-
-
-_DEQUANTIZE = {}  # compute dtype -> compiled dequantise
-
-
-def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
-    """KV fake-quant, dequantise half (kernels.reference.dequantize_codes), compiled per dtype."""
-    if dtype not in _DEQUANTIZE:
-        _DEQUANTIZE[dtype] = mx.compile(lambda c, s: dequantize_codes(c, s, dtype), shapeless=True)
-    return _DEQUANTIZE[dtype](codes, scale)
-
-
 class Attention(nn.Module):
     """Regular layer attention: qkv -> RoPE -> per-head q/k RMSNorm -> int8 K/V -> causal GQA SDPA -> out."""
 
@@ -164,41 +139,6 @@ class Attention(nn.Module):
         kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
         out = attend(q, kv, self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), kv
-
-
-class KVHistory:
-    """A regular layer's K/V after this step: whole cache buffers [B, KV, S_alloc, D] with `length` valid.
-
-    Int8 codes with scalar scales under kv-quant (the GPU kernels read them directly), floats otherwise. The
-    float view is dequantised once and shared by every layer that attends to it (all the reuse layers).
-    """
-
-    def __init__(self, keys, values, key_scale, value_scale, length: int):
-        self.keys, self.values, self.key_scale, self.value_scale = keys, values, key_scale, value_scale
-        self.length = length
-        self._floats = None
-
-    def floats(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        if self._floats is None:
-            k, v = self.keys[..., :self.length, :], self.values[..., :self.length, :]
-            if self.key_scale is not None:
-                k, v = dequantize_int8(k, self.key_scale, dtype), dequantize_int8(v, self.value_scale, dtype)
-            self._floats = (k, v)
-        return self._floats
-
-
-def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
-    """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
-
-    Where it pays (kernels.model_uses_kv_attention), int8 histories go to the kernel that reads the codes;
-    otherwise dequantise + SDPA, whose "causal" mask is lower-right aligned.
-    """
-    if kv.key_scale is not None and kernels.model_uses_kv_attention():
-        return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
-                                    kv_len=kv.length)
-    keys, values = kv.floats(q.dtype)
-    mask = "causal" if q.shape[2] > 1 else None
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
 
 
 class KVReuseAttention(nn.Module):

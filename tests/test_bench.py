@@ -211,6 +211,20 @@ def test_demo_workload_uses_held_out_text():
     assert not any(k.startswith("draft.") for k, _ in bench.tree_flatten(workload.model.parameters()))
 
 
+def test_time_budget_skips_a_setting_that_would_end_past_it(monkeypatch):
+    """A setting is expected to last as long as the last one timed: skipped when it would end past the deadline,
+    not only when it would start past it."""
+    clock = [100.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    budget = bench.Budget(10.0)  # deadline 110
+    with budget.timed():
+        clock[0] += 4.0  # a setting took 4 s; now 104
+    assert budget.allows("a") and budget.last_s == 4.0  # 104 + 4 <= 110
+    clock[0] += 3.0  # 107: 107 + 4 would end past 110
+    assert not budget.allows("b") and budget.skipped == ["b"]
+    assert bench.Budget(None).allows("c")
+
+
 def test_time_budget_skips_speculative_settings_and_says_so(tiny, tmp_path):
     config = bench.default_config("tiny", "cpu")
     config.time_budget_s = 1e-9  # spent at once: prefill and plain decode still run

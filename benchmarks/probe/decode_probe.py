@@ -29,6 +29,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
+import afm_mlx.kv as KV
 import afm_mlx.model as M
 from afm_mlx import bench, kernels
 from afm_mlx.kernels import attention
@@ -44,18 +45,18 @@ def plain_int8_codes(x, scale):
 
 @contextmanager
 def variant(name: str):
-    saved = M.int8_codes, M.dequantize_int8, attention.MODEL_BACKENDS
+    saved = M.int8_codes, KV.dequantize_int8, attention.MODEL_BACKENDS
     try:
         if name == "kv-kernel":
             attention.MODEL_BACKENDS = ("metal", "cuda")
         elif name == "kernels-off":
             kernels.set_enabled(False)
         elif name == "plain-kv":
-            M.int8_codes, M.dequantize_int8 = plain_int8_codes, dequantize_codes
+            M.int8_codes, KV.dequantize_int8 = plain_int8_codes, dequantize_codes
         yield
     finally:
         kernels.set_enabled(True)
-        M.int8_codes, M.dequantize_int8, attention.MODEL_BACKENDS = saved
+        M.int8_codes, KV.dequantize_int8, attention.MODEL_BACKENDS = saved
 
 
 def step_profile(forward, cache_factory, prompt: list[int], steps: int = 64) -> tuple[int, float, float]:

@@ -18,6 +18,7 @@ import traceback
 import mlx.core as mx
 import mlx.nn as nn
 
+import afm_mlx.kv as KV
 import afm_mlx.model as M
 from afm_mlx import bench
 from afm_mlx.presets import BASE_3B, tiny_base
@@ -43,8 +44,8 @@ def checked(name: str, fn):
 
 def instrument(model: nn.Module) -> int:
     """Wrap the model-level helpers and every linear / norm module; returns how many modules were wrapped."""
-    for name in ("rope", "int8_codes", "attend", "dequantize_int8"):
-        setattr(M, name, checked(name, getattr(M, name)))
+    for module, name in ((M, "rope"), (M, "int8_codes"), (M, "attend"), (KV, "dequantize_int8")):
+        setattr(module, name, checked(name, getattr(module, name)))
     wrapped = 0
     for path, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.QuantizedLinear, nn.RMSNorm)):

@@ -1,0 +1,111 @@
+"""The int8 K/V of AFM's fake-quant, and causal attention over a regular layer's cached history.
+
+K/V are fake-quantised to int8 with one scalar scale per layer (tamm computes it in fp32), so the cache stores
+the codes; `KVHistory` is what a regular layer leaves for the KV-reuse layers that attend to it; `attend` picks
+the kernel that reads the codes, or dequantise + MLX's SDPA. Shapes: B batch, H query heads, KV key/value heads,
+L new tokens, S cached positions, D head dim.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+
+from . import kernels
+from .dtypes import backend_name
+from .kernels.reference import dequantize_codes
+
+
+@partial(mx.compile, shapeless=True)  # elementwise: one trace for every shape
+def _int8_codes(x: mx.array, scale: mx.array) -> mx.array:
+    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
+
+
+def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
+    """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32.
+
+    Compiled into one fused kernel: on a launch-bound GPU every node costs. (The CUDA-graph error the 3B prefill
+    once raised came from MLX's float32 quantized matmul at > 128 rows, not from these helpers:
+    benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run.log.)
+    """
+    return _int8_codes(x, scale)
+
+
+_DEQUANTIZE = {}  # compute dtype -> compiled dequantise
+
+
+def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
+    """KV fake-quant, dequantise half (kernels.reference.dequantize_codes), compiled per dtype."""
+    if dtype not in _DEQUANTIZE:
+        _DEQUANTIZE[dtype] = mx.compile(lambda c, s: dequantize_codes(c, s, dtype), shapeless=True)
+    return _DEQUANTIZE[dtype](codes, scale)
+
+
+# Few-row attention (speculative verification) over the whole cache buffer with an explicit mask, on these
+# backends. MLX's CUDA SDPA runs L > 1 queries through cuDNN, which builds a graph per distinct (q, k, v) shape
+# (mlx/backend/cuda/scaled_dot_product_attention.cpp); the valid K/V length changes every round, so every verify
+# paid a build (the 3B verify forward took 50 ms per round against a 9.4 ms decode step on an H100,
+# benchmarks/results/cuda-nvidia-h100-80gb-hbm3/full.md). The buffer grows in KVCache.step chunks, so its
+# shape, and the graph, hold for 256 positions.
+PADDED_ATTENTION_BACKENDS = ("cuda",)
+PADDED_ATTENTION_MAX_ROWS = 16
+
+
+class KVHistory:
+    """A regular layer's K/V after this step: whole cache buffers [B, KV, S_alloc, D] with `length` valid.
+
+    Int8 codes with scalar scales under kv-quant (the GPU kernels read them directly), floats otherwise. The
+    float view is dequantised once and shared by every layer that attends to it (all the reuse layers).
+    """
+
+    def __init__(self, keys, values, key_scale, value_scale, length: int):
+        self.keys, self.values, self.key_scale, self.value_scale = keys, values, key_scale, value_scale
+        self.length = length
+        self._floats = {}
+
+    def floats(self, dtype: mx.Dtype, padded: bool = False) -> tuple[mx.array, mx.array]:
+        """K/V as floats: the valid [B, KV, length, D], or (padded) the whole buffers [B, KV, S_alloc, D]."""
+        if padded not in self._floats:
+            k, v = (self.keys, self.values) if padded else (self.keys[..., :self.length, :],
+                                                            self.values[..., :self.length, :])
+            if self.key_scale is not None:
+                k, v = dequantize_int8(k, self.key_scale, dtype), dequantize_int8(v, self.value_scale, dtype)
+            self._floats[padded] = (k, v)
+        return self._floats[padded]
+
+
+_last_mask: tuple = (None, None)  # (key, mask): one mask serves every layer of a forward
+
+
+def padded_causal_mask(rows: int, length: int, size: int, dtype: mx.Dtype) -> mx.array:
+    """Additive mask [1, 1, rows, size]: query i sits at position length - rows + i and sees keys 0 .. that."""
+    global _last_mask
+    key = (rows, length, size, dtype)
+    cached_key, mask = _last_mask  # one read: another thread may replace it
+    if cached_key != key:
+        last_visible = mx.arange(rows)[:, None] + (length - rows)
+        visible = mx.arange(size)[None, :] <= last_visible
+        mask = mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[None, None]
+        _last_mask = (key, mask)
+    return mask
+
+
+def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
+    """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
+
+    Where it pays (kernels.model_uses_kv_attention), int8 histories go to the kernel that reads the codes;
+    otherwise dequantise + SDPA ("causal" is lower-right aligned), over the whole buffer with an explicit mask
+    for a few rows on PADDED_ATTENTION_BACKENDS.
+    """
+    if kv.key_scale is not None and kernels.model_uses_kv_attention():
+        return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
+                                    kv_len=kv.length)
+    rows = q.shape[2]
+    if 1 < rows <= PADDED_ATTENTION_MAX_ROWS and backend_name() in PADDED_ATTENTION_BACKENDS:
+        keys, values = kv.floats(q.dtype, padded=True)
+        mask = padded_causal_mask(rows, kv.length, keys.shape[2], q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    keys, values = kv.floats(q.dtype)
+    mask = "causal" if rows > 1 else None
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
