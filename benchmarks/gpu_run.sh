@@ -18,6 +18,9 @@
 #   call 2: carry [".whl2"], same command, right away (a machine stays warm only ~30 s after a call; /tmp/afm_whl
 #           is gone on a fresh one)                                 -> joins, installs, benchmarks
 # Make the folders here with `bash benchmarks/gpu_run.sh --fetch-wheels` (pip download + split).
+# MLX's compiled kernels (PTX, MLX_PTX_CACHE_DIR) come back as $OUT/ptx_cache.tar.gz: unpack it here into the
+# git-ignored .ptx_cache/ (`mkdir -p .ptx_cache && tar xzf ptx_cache.tar.gz -C .ptx_cache`) and carry
+# [".whl2", ".ptx_cache"] in call 2 next time, so a fresh machine skips the NVRTC compiles (seconds per kernel).
 # Every stage has its own time limit, so a slow stage costs its result, not the whole run.
 # STAGES (default "kernels demo probe full") picks stages, e.g. STAGES="probe full" for a short second run.
 set -u
@@ -86,7 +89,9 @@ if [ -z "${AFM_GPU_RUN_REHEARSAL:-}" ] && ! $PY -c "import mlx.core as mx, mlx_l
   install_mlx_cuda
 fi
 use_repo_package
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR" .ptx_cache
+export MLX_PTX_CACHE_DIR="$PWD/.ptx_cache"
+echo "PTX cache: $(find .ptx_cache -name '*.ptx' | wc -l) kernels carried in"
 LOG="$OUT_DIR/gpu_run.log"
 RESULTS=$(mktemp -d)/results
 {
@@ -123,5 +128,9 @@ if [ -d "$RESULTS/_machine_" ]; then
   mv "$RESULTS/_machine_" "$RESULTS/$SLUG"
   tar czf "$OUT_DIR/gpu_results.tar.gz" -C "$RESULTS" "$SLUG"
   cp "$RESULTS/$SLUG"/*.md "$OUT_DIR"/ 2>/dev/null
+fi
+tar czf "$OUT_DIR/ptx_cache.tar.gz" -C .ptx_cache . 2>/dev/null
+if [ "$(stat -c %s "$OUT_DIR/ptx_cache.tar.gz" 2>/dev/null || echo 0)" -gt 16000000 ]; then
+  echo "PTX cache tarball over the 16 MB a returned file may have: not returned"; rm -f "$OUT_DIR/ptx_cache.tar.gz"
 fi
 ls -la "$OUT_DIR"
