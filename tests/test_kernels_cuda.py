@@ -59,10 +59,12 @@ def test_generated_cuda_text_compiles_for_sm90():
     assert ok, log[-4000:]
 
 
-# Every M = 1..8 in bfloat16 (the CUDA compute dtype), spot rows elsewhere: each (dtype, M, bits, group, LoRA) is a
-# separate NVRTC compile, and the run should stay short.
+# Spot rows: each (dtype, M, bits, group, LoRA) is a separate NVRTC compile of seconds, and on an H100 only 2 of
+# these tests finished in 60 s with every M (benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run-1.log). The
+# same CUDA bodies run at other M and L, and odd shapes, in the emulator (test_kernels_qmm.py,
+# test_kernels_attention.py).
 def rows_for(dtype) -> list[int]:
-    return list(range(1, 9)) if dtype == mx.bfloat16 else [1, 4, 8]
+    return [1, 2, 4, 8] if dtype == mx.bfloat16 else [1, 8]
 
 
 @needs_gpu
