@@ -45,9 +45,9 @@ def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.arr
 # Few-row attention (speculative verification) over the whole cache buffer with an explicit mask, on these
 # backends. MLX's CUDA SDPA runs L > 1 queries through cuDNN, which builds a graph per distinct (q, k, v) shape
 # (mlx/backend/cuda/scaled_dot_product_attention.cpp); the valid K/V length changes every round, so every verify
-# paid a build (the 3B verify forward took 50 ms per round against a 9.4 ms decode step on an H100,
-# benchmarks/results/cuda-nvidia-h100-80gb-hbm3/full.md). The buffer grows in KVCache.step chunks, so its
-# shape, and the graph, hold for 256 positions.
+# pays a build -- the likely reason the 3B verify forward took 50 ms per round against a 9.4 ms decode step on an
+# H100 (benchmarks/results/cuda-nvidia-h100-80gb-hbm3/full.md; not yet re-timed with this). The buffer grows in
+# KVCache.step chunks, so its shape, and the graph, hold for 256 positions.
 PADDED_ATTENTION_BACKENDS = ("cuda",)
 PADDED_ATTENTION_MAX_ROWS = 16
 
