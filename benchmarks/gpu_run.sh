@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The benchmark on an NVIDIA GPU with MLX's CUDA backend, sized for ~8 minutes of device time (the stage limits
-# add up to 490 s, 550 s when the probe runs; one device call may run 600 s, and the tarball is made at the end).
+# add up to 520 s, 565 s when the prefill probe runs; one device call may run 600 s, and the tarball is made at the end).
 # On a fresh machine MLX compiles every kernel on first use (NVRTC, seconds each): the first stages pay for it.
 #   0. the CUDA kernels: their GPU tests and benchmarks/kernels_bench.py --quick;
 #   1. demo family: prefill at 32/128/512, 64-token decode, k = 1, 2, 4 at T = 0, adapter, 3 trials;
 #   1b. benchmarks/probe/decode_probe.py: demo plain decode as shipped, with the kv_attention kernel, and with
 #       uncompiled K/V helpers, interleaved with mlx-lm, plus graph nodes and host time per decode step;
+#   1c. benchmarks/probe/verify_probe.py: demo verify forwards at growing K/V lengths, attention over the valid
+#       prefix (MLX's cuDNN: a graph per length) vs over the padded buffer (afm_mlx.kv, CUDA default);
 #   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2, 4
 #      at T = 0, adapter, 2 trials; if it fails, benchmarks/probe/full_prefill_probe.py names the failing op.
 # Results: $OUT/gpu_results.tar.gz (benchmarks/results/<backend>-<device>/...: JSON, markdown, PNGs), plus the
@@ -22,7 +24,7 @@
 # git-ignored .ptx_cache/ (`mkdir -p .ptx_cache && tar xzf ptx_cache.tar.gz -C .ptx_cache`) and carry
 # [".whl2", ".ptx_cache"] in call 2 next time, so a fresh machine skips the NVRTC compiles (seconds per kernel).
 # Every stage has its own time limit, so a slow stage costs its result, not the whole run.
-# STAGES (default "kernels demo probe full") picks stages, e.g. STAGES="probe full" for a short second run.
+# STAGES (default "kernels demo probe verify full") picks stages, e.g. STAGES="probe full" for a short second run.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,13 +37,14 @@ OUT_DIR=${OUT:-benchmarks/results/gpu-run}
 DEMO_LIMIT=${DEMO_LIMIT:-120}
 FULL_LIMIT=${FULL_LIMIT:-130}
 KERNEL_TEST_LIMIT=${KERNEL_TEST_LIMIT:-120}  # the H100 finished 2 of the CUDA tests in 60 s (NVRTC compiles)
-KERNEL_BENCH_LIMIT=${KERNEL_BENCH_LIMIT:-70}
+KERNEL_BENCH_LIMIT=${KERNEL_BENCH_LIMIT:-60}
 DECODE_PROBE_LIMIT=${DECODE_PROBE_LIMIT:-50}
-PROBE_LIMIT=${PROBE_LIMIT:-60}
+PROBE_LIMIT=${PROBE_LIMIT:-45}
+VERIFY_LIMIT=${VERIFY_LIMIT:-40}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --ks 1,2,4 --temperatures 0 --time-budget 80}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --trials 2 --ks 2,4 --time-budget 80}
 PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,kv-kernel,plain-kv}
-STAGES=" ${STAGES:-kernels demo probe full} "
+STAGES=" ${STAGES:-kernels demo probe verify full} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 
 fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts
@@ -112,6 +115,10 @@ RESULTS=$(mktemp -d)/results
     if stage probe; then
       echo "== where demo decode loses to mlx-lm (limit ${DECODE_PROBE_LIMIT}s)"
       timeout "$DECODE_PROBE_LIMIT" $PY benchmarks/probe/decode_probe.py $PROBE_ARGS
+    fi
+    if stage verify; then
+      echo "== verify cost at growing K/V lengths, prefix vs padded attention (limit ${VERIFY_LIMIT}s)"
+      timeout "$VERIFY_LIMIT" $PY benchmarks/probe/verify_probe.py --rounds 40
     fi
   fi
   if stage full; then
