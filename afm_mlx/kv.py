@@ -8,38 +8,29 @@ L new tokens, S cached positions, D head dim.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 
 import mlx.core as mx
 
 from . import kernels
 from .dtypes import backend_name
-from .kernels.reference import dequantize_codes
+from .kernels.reference import dequantize_codes, quantize_codes
 
 
-@partial(mx.compile, shapeless=True)  # elementwise: one trace for every shape
-def _int8_codes(x: mx.array, scale: mx.array) -> mx.array:
-    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
+# The K/V fake-quant, each half compiled into one fused kernel (on a launch-bound GPU every node costs; the
+# CUDA-graph error the 3B prefill once raised came from MLX's float32 quantized matmul past 128 rows, not from
+# these: benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run-1.log). Elementwise: shapeless, one trace.
+int8_codes = mx.compile(quantize_codes, shapeless=True)
 
 
-def int8_codes(x: mx.array, scale: mx.array) -> mx.array:
-    """KV fake-quant, quantise half: round-half-even(x / scale) clipped to [-128, 127], in fp32.
-
-    Compiled into one fused kernel: on a launch-bound GPU every node costs. (The CUDA-graph error the 3B prefill
-    once raised came from MLX's float32 quantized matmul at > 128 rows, not from these helpers:
-    benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run.log.)
-    """
-    return _int8_codes(x, scale)
-
-
-_DEQUANTIZE = {}  # compute dtype -> compiled dequantise
+@lru_cache(maxsize=None)
+def _dequantize(dtype: mx.Dtype):
+    return mx.compile(partial(dequantize_codes, dtype=dtype), shapeless=True)
 
 
 def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.array:
-    """KV fake-quant, dequantise half (kernels.reference.dequantize_codes), compiled per dtype."""
-    if dtype not in _DEQUANTIZE:
-        _DEQUANTIZE[dtype] = mx.compile(lambda c, s: dequantize_codes(c, s, dtype), shapeless=True)
-    return _DEQUANTIZE[dtype](codes, scale)
+    """codes * scale in float32, cast to `dtype` (kernels.reference.dequantize_codes), compiled per dtype."""
+    return _dequantize(dtype)(codes, scale)
 
 
 # Few-row attention (speculative verification) over the whole cache buffer with an explicit mask, on these

@@ -21,6 +21,12 @@ def qmm_small_reference(x, w, scales, biases, *, bits, group_size, lora=None, dt
     return y.astype(out_dtype)
 
 
+def quantize_codes(x, scale):
+    """round-half-even(x / scale) clipped to [-128, 127], in float32, as int8: the quantise half of tamm's K/V
+    fake-quant (the model stores these codes)."""
+    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
+
+
 def dequantize_codes(codes, scale, dtype):
     """codes * scale in float32, then cast to `dtype`: tamm's K/V fake-quant rounding (the model uses this too)."""
     scale = scale if isinstance(scale, mx.array) and scale.dtype == mx.float32 else mx.array(scale, mx.float32)

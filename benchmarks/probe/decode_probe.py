@@ -13,7 +13,7 @@ times its graph construction on the host (Python + MLX op creation, no evaluatio
     plain-kv         the K/V quantise / dequantise helpers uncompiled
 
 The H100 run that chose today's defaults (kv_attention off on CUDA, compiled K/V helpers) measured variants of
-the then default; its log is benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run.log.
+the then default; its log is benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run-1.log.
 
     python benchmarks/probe/decode_probe.py [--trials 5] [--tokens 64] [--variants default,kv-kernel]
 """
@@ -33,14 +33,10 @@ import afm_mlx.kv as KV
 import afm_mlx.model as M
 from afm_mlx import bench, kernels
 from afm_mlx.kernels import attention
-from afm_mlx.kernels.reference import dequantize_codes
+from afm_mlx.kernels.reference import dequantize_codes, quantize_codes
 
 
 VARIANTS = ["default", "kv-kernel", "kernels-off", "plain-kv"]
-
-
-def plain_int8_codes(x, scale):
-    return mx.clip(mx.round(x.astype(mx.float32) / scale), -128, 127).astype(mx.int8)
 
 
 @contextmanager
@@ -52,7 +48,7 @@ def variant(name: str):
         elif name == "kernels-off":
             kernels.set_enabled(False)
         elif name == "plain-kv":
-            M.int8_codes, KV.dequantize_int8 = plain_int8_codes, dequantize_codes
+            M.int8_codes, KV.dequantize_int8 = quantize_codes, dequantize_codes
         yield
     finally:
         kernels.set_enabled(True)
