@@ -603,7 +603,7 @@ class BenchConfig:
     adapter: bool = True  # afm-mlx decode with a random runtime LoRA adapter vs without
     adapter_rank: int = 32
     seed: int = 0
-    time_budget_s: float | None = None  # past it, settings not started yet are skipped (and listed as skipped)
+    time_budget_s: float | None = None  # settings that would end past it are skipped (and listed): Budget
 
     def validate(self) -> None:
         checks = [

@@ -56,8 +56,8 @@ def bench(
     adapter: Optional[bool] = typer.Option(None, "--adapter/--no-adapter", help="Decode with a random LoRA adapter "
                                                                               "vs none (afm-mlx)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots (needs matplotlib)."),
-    time_budget: Optional[float] = typer.Option(None, help="Seconds per workload; speculative settings not started "
-                                                           "by then are skipped (and listed as skipped)."),
+    time_budget: Optional[float] = typer.Option(None, help="Seconds per workload; a speculative setting (or the adapter "
+                                                           "run) that would end past it is skipped, and listed."),
 ):
     """Benchmark afm-mlx against mlx-lm's afm7 on the same weights: prefill/TTFT, decode, speculative k sweep,
     acceptance by draft position, memory, KV bytes, roofline; writes JSON, markdown and PNG plots.

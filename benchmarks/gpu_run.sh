@@ -32,7 +32,7 @@ STASH=/tmp/afm_whl
 CUDA_WHEEL=mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
 CUDA_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
 OUT_DIR=${OUT:-benchmarks/results/gpu-run}
-# Hard limits per stage; the --time-budget inside each skips speculative settings not started by then, so a
+# Hard limits per stage; the --time-budget inside each skips speculative settings that would end past it, so a
 # stage normally ends well before its hard limit and always writes what it measured.
 DEMO_LIMIT=${DEMO_LIMIT:-120}
 FULL_LIMIT=${FULL_LIMIT:-130}
