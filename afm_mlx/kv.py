@@ -85,11 +85,11 @@ def padded_causal_mask(rows: int, length: int, size: int, dtype: mx.Dtype) -> mx
 def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
     """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
 
-    Where it pays (kernels.model_uses_kv_attention), int8 histories go to the kernel that reads the codes;
+    Where it pays (kernels.model_uses), int8 histories go to the kernel that reads the codes;
     otherwise dequantise + SDPA ("causal" is lower-right aligned), over the whole buffer with an explicit mask
     for a few rows on PADDED_ATTENTION_BACKENDS.
     """
-    if kv.key_scale is not None and kernels.model_uses_kv_attention():
+    if kv.key_scale is not None and kernels.model_uses("kv_attention"):
         return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
                                     kv_len=kv.length)
     rows = q.shape[2]

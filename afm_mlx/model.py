@@ -222,7 +222,7 @@ class AFMModel(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         """Tied output head: h @ embedding^T (few-row quantized heads go through the small-M kernel)."""
         emb = self.embedding
-        if isinstance(emb, nn.QuantizedEmbedding) and emb.mode == "affine" and kernels.model_uses_qmm_small():
+        if isinstance(emb, nn.QuantizedEmbedding) and emb.mode == "affine" and kernels.model_uses("qmm_small"):
             return kernels.qmm_small(h, emb.weight, emb.scales, emb.biases, bits=emb.bits,
                                      group_size=emb.group_size)
         return emb.as_linear(h)

@@ -6,15 +6,15 @@ Each dispatches by backend (dispatch.backend()): the kernel on Metal or CUDA aft
 the pure-MLX reference, the reference itself on the CPU. Tolerances: tolerances.TOLERANCES.
 """
 
-from .attention import attention_int8, kv_attention, model_uses_kv_attention
-from .dispatch import backend, force_backend, set_enabled, verdicts
+from .attention import attention_int8, kv_attention
+from .dispatch import backend, force_backend, model_uses, set_enabled, verdicts
 from .qmm import (SmallBatchQuantizedLinear, lora_block_diagonal, qmm_small, quantized_linear_small,
-                  model_uses_qmm_small, use_small_batch_kernels)
+                  use_small_batch_kernels)
 from .reference import kv_attention_reference, qmm_small_reference
 from .tolerances import TOLERANCES, Tolerance, within_tolerance
 
 __all__ = [
     "TOLERANCES", "Tolerance", "attention_int8", "backend", "force_backend", "kv_attention", "lora_block_diagonal",
     "kv_attention_reference", "qmm_small", "qmm_small_reference", "quantized_linear_small", "set_enabled",
-    "verdicts", "within_tolerance", "model_uses_kv_attention", "SmallBatchQuantizedLinear", "use_small_batch_kernels", "model_uses_qmm_small",
+    "verdicts", "within_tolerance", "model_uses", "SmallBatchQuantizedLinear", "use_small_batch_kernels",
 ]  # fmt: skip

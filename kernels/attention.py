@@ -116,17 +116,6 @@ def kv_attention(q, k_codes, v_codes, k_scale, v_scale, *, scale: float, kv_len:
     )
 
 
-# Backends on which the model attends through kv_attention. Not CUDA: on an H100 the demo model decoded at
-# 724 tok/s with it vs 858 with dequantise + SDPA (5 paired trials, benchmarks/results/
-# cuda-nvidia-h100-80gb-hbm3/gpu_run-1.log): its two launches and their scalar inputs cost ~30 us of host time
-# per call there, more than reading int8 instead of bf16 K/V saves at these lengths. Metal is unmeasured.
-MODEL_BACKENDS = ("metal",)
-
-
-def model_uses_kv_attention() -> bool:
-    return dispatch.backend() in MODEL_BACKENDS
-
-
 def attention_int8(q, cache, k_scale, v_scale, *, scale: float, causal: bool = True) -> mx.array:
     """kv_attention over a KV cache holding int8 codes (afm_mlx.cache.KVCache with kv-quant): its whole `keys` /
     `values` buffers and its `offset` valid positions; call after update_and_fetch, so that the offset includes

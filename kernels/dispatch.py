@@ -30,6 +30,17 @@ FACTORIES: dict[str, Callable] = {
 }
 SOURCE_SUFFIX = {"metal": ".metal", "cuda": ".cu"}
 
+# Backends on which the model routes through each kernel; elsewhere it uses MLX's own ops (mx.quantized_matmul,
+# dequantise + SDPA). Neither on CUDA, where both measured slower in the model:
+# - qmm_small: 57.8 us vs MLX's 17.9 us at M = 1 on an H200, slower up to M = 5 (2-bit g128, K = 2048,
+#   N = 6656, bf16; benchmarks/results/cuda-nvidia-h200/gpu_run.log); the demo decoded at 243 tok/s with it, 722
+#   without.
+# - kv_attention: the demo decoded at 724 tok/s with it, 858 with dequantise + SDPA on an H100 (5 paired
+#   trials, benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run-1.log): its two launches and their scalar
+#   inputs cost ~30 us of host time per call, more than reading int8 instead of bf16 K/V saves at those lengths.
+# Metal is unmeasured (no Apple GPU here); the kernels are kept there for the verification rows.
+MODEL_BACKENDS: dict[str, tuple[str, ...]] = {"qmm_small": ("metal",), "kv_attention": ("metal",)}
+
 _enabled = os.environ.get("AFM_MLX_KERNELS", "1") not in ("0", "false", "off")
 _forced_backend: str | None = None
 _built: dict[tuple[str, str], object] = {}
@@ -49,6 +60,11 @@ def backend() -> str:
     if mx.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def model_uses(kernel: str) -> bool:
+    """Whether the model routes through `kernel` ("qmm_small", "kv_attention") on the current backend."""
+    return backend() in MODEL_BACKENDS[kernel]
 
 
 def set_enabled(enabled: bool) -> None:

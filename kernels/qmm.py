@@ -123,27 +123,16 @@ def lora_block_diagonal(bs: list[mx.array]) -> mx.array:
     return mx.concatenate(rows, axis=0)
 
 
-# Backends on which the model routes its few-row matmuls through qmm_small. Not CUDA: on an H200 the kernel
-# measured 57.8 us vs MLX's 17.9 us at M = 1 and was slower up to M = 5 (2-bit g128, K = 2048, N = 6656, bf16;
-# benchmarks/results/cuda-nvidia-h200/gpu_run.log), and the demo model decoded at 243 tok/s with it vs 722
-# without. Metal is unmeasured (no Apple GPU here); the kernel is kept there for verification rows.
-MODEL_BACKENDS = ("metal",)
-
-
-def model_uses_qmm_small() -> bool:
-    return dispatch.backend() in MODEL_BACKENDS
-
-
 class SmallBatchQuantizedLinear(nn.QuantizedLinear):
     """An affine nn.QuantizedLinear whose few-row calls (decode, verification) go through qmm_small where that
-    pays (MODEL_BACKENDS).
+    pays (dispatch.MODEL_BACKENDS).
 
     Same parameters and names as its base class; elsewhere, and for more than MAX_ROWS rows, it computes
     exactly what nn.QuantizedLinear does (mx.quantized_matmul).
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if model_uses_qmm_small():
+        if dispatch.model_uses("qmm_small"):
             return quantized_linear_small(x, self)
         return super().__call__(x)
 

@@ -70,9 +70,8 @@ def _no_leftover_backend():
 
 
 def test_model_keeps_mlx_ops_on_cuda(monkeypatch):
-    """On CUDA both kernels measured slower in the model than MLX's own ops (qmm.MODEL_BACKENDS,
-    attention.MODEL_BACKENDS): the model must route neither its linears and head through qmm_small nor its
-    int8 attention through kv_attention there."""
+    """On CUDA both kernels measured slower in the model than MLX's own ops (dispatch.MODEL_BACKENDS): the model
+    must route neither its linears and head through qmm_small nor its int8 attention through kv_attention there."""
     from afm_mlx.kernels import qmm
 
     model = quantized_tiny_model()
@@ -82,5 +81,5 @@ def test_model_keeps_mlx_ops_on_cuda(monkeypatch):
     monkeypatch.setattr(kernels, "kv_attention", lambda *a, **k: calls.append("kv_attention"))
     with emulated("cuda"):
         logits = model(mx.array(STEP_TOKENS[:5])[None], model.make_cache())
-        assert not kernels.model_uses_qmm_small() and not kernels.model_uses_kv_attention()
+        assert not kernels.model_uses("qmm_small") and not kernels.model_uses("kv_attention")
     assert calls == [] and logits.shape == (1, 5, model.args.vocab_size)

@@ -8,7 +8,7 @@ times its graph construction on the host (Python + MLX op creation, no evaluatio
 
     default          afm-mlx as shipped
     kv-kernel        int8 attention through the kv_attention kernel on this backend too (CUDA: off by default,
-                     kernels/attention.py MODEL_BACKENDS)
+                     kernels/dispatch.py MODEL_BACKENDS)
     kernels-off      AFM_MLX_KERNELS=0: no custom kernel anywhere
     plain-kv         the K/V quantise / dequantise helpers uncompiled
 
@@ -32,7 +32,7 @@ import mlx.core as mx
 import afm_mlx.kv as KV
 import afm_mlx.model as M
 from afm_mlx import bench, kernels
-from afm_mlx.kernels import attention
+from afm_mlx.kernels import dispatch
 from afm_mlx.kernels.reference import dequantize_codes, quantize_codes
 
 
@@ -41,10 +41,10 @@ VARIANTS = ["default", "kv-kernel", "kernels-off", "plain-kv"]
 
 @contextmanager
 def variant(name: str):
-    saved = M.int8_codes, KV.dequantize_int8, attention.MODEL_BACKENDS
+    int8, dequantize, backends = M.int8_codes, KV.dequantize_int8, dict(dispatch.MODEL_BACKENDS)
     try:
         if name == "kv-kernel":
-            attention.MODEL_BACKENDS = ("metal", "cuda")
+            dispatch.MODEL_BACKENDS["kv_attention"] = ("metal", "cuda")
         elif name == "kernels-off":
             kernels.set_enabled(False)
         elif name == "plain-kv":
@@ -52,7 +52,8 @@ def variant(name: str):
         yield
     finally:
         kernels.set_enabled(True)
-        M.int8_codes, KV.dequantize_int8, attention.MODEL_BACKENDS = saved
+        M.int8_codes, KV.dequantize_int8 = int8, dequantize
+        dispatch.MODEL_BACKENDS.update(backends)
 
 
 def step_profile(forward, cache_factory, prompt: list[int], steps: int = 64) -> tuple[int, float, float]:
