@@ -20,11 +20,12 @@
 #   call 2: carry [".whl2"], same command, right away (a machine stays warm only ~30 s after a call; /tmp/afm_whl
 #           is gone on a fresh one)                                 -> joins, installs, benchmarks
 # Make the folders here with `bash benchmarks/gpu_run.sh --fetch-wheels` (pip download + split).
-# MLX's compiled kernels (PTX, MLX_PTX_CACHE_DIR) come back as $OUT/ptx_cache.tar.gz: unpack it here into the
-# git-ignored .ptx_cache/ (`mkdir -p .ptx_cache && tar xzf ptx_cache.tar.gz -C .ptx_cache`) and carry
-# [".whl2", ".ptx_cache"] in call 2 next time, so a fresh machine skips the NVRTC compiles (seconds per kernel).
+# MLX's compiled kernels (PTX, MLX_PTX_CACHE_DIR) come back as $OUT/ptx_cache.tar.gz: put that file into .whl2/
+# (21 MB unpacked: .whl2 and .ptx_cache together exceed one call's carry) and it is unpacked into .ptx_cache, so
+# a fresh machine skips compiling MLX's own JIT kernels (fused elementwise etc.; not our custom kernels, which
+# MLX compiles afresh in every process).
 # Every stage has its own time limit, so a slow stage costs its result, not the whole run.
-# STAGES (default "kernels demo probe verify full") picks stages, e.g. STAGES="probe full" for a short second run.
+# STAGES (default "kernels kernel-bench demo probe verify full") picks stages, e.g. STAGES="probe full" for a short second run.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -43,8 +44,9 @@ PROBE_LIMIT=${PROBE_LIMIT:-45}
 VERIFY_LIMIT=${VERIFY_LIMIT:-40}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --ks 1,2,4 --temperatures 0 --time-budget 80}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --trials 2 --ks 2,4 --time-budget 80}
+KERNEL_BENCH_ARGS=${KERNEL_BENCH_ARGS:-}  # e.g. --only attention
 PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,kv-kernel,plain-kv}
-STAGES=" ${STAGES:-kernels demo probe verify full} "
+STAGES=" ${STAGES:-kernels kernel-bench demo probe verify full} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 
 fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts
@@ -86,8 +88,9 @@ use_repo_package() {  # afm_mlx.kernels / afm_mlx.converters live at the top of 
 }
 
 # One process per test, all at once: each test compiles its template instances with NVRTC (seconds each, one core),
-# so run one after another they did not finish in 60 s on an H100. Each process keeps its own PTX cache (MLX
-# writes the files in place, not atomically); they are merged into .ptx_cache afterwards for the kernel bench.
+# so run one after another they did not finish in 60 s on an H100 (all at once: 70 s on an H200). MLX never
+# disk-caches custom kernels (custom_kernel.cpp: use_disk_cache false), only its own JIT kernels; each process
+# keeps its own PTX cache (MLX writes the files in place, not atomically), merged into .ptx_cache afterwards.
 run_kernel_tests_in_parallel() {
   local dir; dir=$(mktemp -d)
   local ids; ids=$($PY -m pytest --collect-only -p no:cacheprovider tests/test_kernels_cuda.py | grep '::')
@@ -115,6 +118,7 @@ if [ -z "${AFM_GPU_RUN_REHEARSAL:-}" ] && ! $PY -c "import mlx.core as mx, mlx_l
 fi
 use_repo_package
 mkdir -p "$OUT_DIR" .ptx_cache
+for carried in .whl1/ptx_cache.tar.gz .whl2/ptx_cache.tar.gz; do [ -f "$carried" ] && tar xzf "$carried" -C .ptx_cache; done
 export MLX_PTX_CACHE_DIR="$PWD/.ptx_cache"
 echo "PTX cache: $(find .ptx_cache -name '*.ptx' | wc -l) kernels carried in"
 LOG="$OUT_DIR/gpu_run.log"
@@ -125,7 +129,9 @@ RESULTS=$(mktemp -d)/results
   if stage kernels; then
     echo "== CUDA kernels: tests vs the pure-MLX reference, then timings (limits ${KERNEL_TEST_LIMIT}s / ${KERNEL_BENCH_LIMIT}s)"
     run_kernel_tests_in_parallel
-    timeout "$KERNEL_BENCH_LIMIT" $PY benchmarks/kernels_bench.py --quick --out "$RESULTS/_machine_"
+  fi
+  if stage kernel-bench; then
+    timeout "$KERNEL_BENCH_LIMIT" $PY benchmarks/kernels_bench.py --quick $KERNEL_BENCH_ARGS --out "$RESULTS/_machine_"
   fi
   if [ ! -f afm_mlx/demo_model/config.json ]; then
     echo "== demo family skipped: afm_mlx/demo_model is not in this checkout"

@@ -232,6 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="activation dtype (default: the model's compute dtype for this backend)")  # fmt: skip
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep (GPU only)")
+    parser.add_argument("--only", choices=["qmm", "attention"], default=None,
+                        help="time one kernel only (on CUDA each M / L is an NVRTC compile of seconds per process)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/<backend>-<device>)")
     return parser.parse_args(argv)
 
@@ -248,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     mx.random.seed(0)
     print(f"backend {backend}, device {device}, dtype {dtype}", flush=True)
     start = time.perf_counter()
-    qmm_rows = bench_qmm(dtype, groups, QUICK_ROWS if args.quick else FULL_ROWS, budget, batch)
-    attn_rows = bench_attention(dtype, lengths, budget, batch)
+    qmm_rows = bench_qmm(dtype, groups, QUICK_ROWS if args.quick else FULL_ROWS, budget, batch) \
+        if args.only != "attention" else []
+    attn_rows = bench_attention(dtype, lengths, budget, batch) if args.only != "qmm" else []
     sweep = backend != "cpu" and not args.no_sweep and not args.quick
     sweep_rows = sweep_qmm(dtype, budget, batch) + sweep_attention(dtype, budget, batch) if sweep else []
     meta = dict(backend=backend, device=device, dtype=str(dtype).removeprefix("mlx.core."), mlx=mx.__version__,
