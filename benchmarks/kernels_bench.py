@@ -172,6 +172,8 @@ def header_lines(meta: dict) -> list[str]:
     if meta["backend"] == "cpu":
         lines += ["**No Metal or CUDA here: the 'kernel' columns time the pure-MLX reference (the CPU path), "
                   "not a custom kernel.**", ""]  # fmt: skip
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     failed = [k for k, ok in meta["verdicts"].items() if not ok]
     passed = len(meta["verdicts"]) - len(failed)
     outcome = "." if not failed else f"; FAILED (their rows time the MLX fallback): {', '.join(failed)}."

@@ -41,7 +41,8 @@ def write_readme(results_dir: Path = RESULTS) -> Path:
 
     from afm_mlx.bench import readme_table, results_markdown
 
-    files = sorted(p for p in results_dir.glob("*/*.json") if p.stem != "tiny")  # tiny: smoke runs only
+    # tiny: smoke runs only; kernels: benchmarks/kernels_bench.py's own schema, linked below the table
+    files = sorted(p for p in results_dir.glob("*/*.json") if p.stem not in ("tiny", "kernels"))
     if not files:
         raise SystemExit(f"error: no results in {results_dir}/*/ (run a benchmark first)")
     notes = []
@@ -51,6 +52,8 @@ def write_readme(results_dir: Path = RESULTS) -> Path:
         tmp.write_text(results_markdown(json.loads(path.read_text())))
         tmp.replace(md)
         notes.append(f"- [{path.parent.name}/{md.name}]({path.parent.name}/{md.name})")
+    kernels = sorted(results_dir.glob("*/kernels.md"))
+    notes += [f"- [{p.parent.name}/{p.name}]({p.parent.name}/{p.name}) (benchmarks/kernels_bench.py)" for p in kernels]
     text = README_HEAD + readme_table(files) + "\nFull tables:\n\n" + "\n".join(notes) + "\n"
     out = results_dir / "README.md"
     tmp = out.with_name(".README.md.tmp")

@@ -74,6 +74,26 @@ def test_results_files_are_json_and_markdown(results, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
 
 
+def test_results_readme_tabulates_workloads_and_links_kernel_benchmarks(results, tmp_path):
+    """benchmarks/run_bench.py readme: one row per workload file; a kernels_bench result beside them (its own
+    schema, no workload) is linked, not read as a workload."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "run_bench", Path(__file__).resolve().parent.parent / "benchmarks" / "run_bench.py")
+    run_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_bench)
+    machine = tmp_path / "cpu-test"
+    written = bench.write_results(results, machine, plots=False)
+    written[0].rename(machine / "demo.json")
+    (machine / "kernels.json").write_text(json.dumps({"meta": {}, "qmm": [], "attention": []}))
+    (machine / "kernels.md").write_text("# Kernel benchmark\n")
+    readme = run_bench.write_readme(tmp_path).read_text()
+    assert readme.count("| cpu / ") == 1 and "| tiny |" in readme  # the workload named in the file
+    assert "[cpu-test/kernels.md](cpu-test/kernels.md)" in readme and "[cpu-test/demo.md](cpu-test/demo.md)" in readme
+
+
 def test_cli_smoke_run(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--tiny", "--out", str(tmp_path), "--no-plots", "--ks", "2",
                                       "--no-adapter", "--engines", "afm-mlx"])
