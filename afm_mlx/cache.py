@@ -2,7 +2,8 @@
 
 Storage is dtype-agnostic: the model hands over int8 codes when the checkpoint has kv-quant scales
 (lossless, because AFM's K/V are on that int8 grid by construction: 17,920 bytes/token for the 3B base
-instead of 71,680 in fp32) and floats otherwise (a draft without kv-quantizer buffers).
+instead of 71,680 in fp32), floats otherwise (a draft without kv-quantizer buffers, or on a backend where the
+model stores the codes' values: afm_mlx.kv.DEQUANTIZED_STORAGE_BACKENDS). One cache holds one dtype.
 
 Arrays are [B, KV heads, S_alloc, head dim] and grow in chunks of `step` positions; `offset` is the number of
 valid positions. `trim(n)` only moves `offset` back: speculative rollback costs nothing, and the next update
@@ -29,6 +30,9 @@ class KVCache:
     def append(self, keys: mx.array, values: mx.array) -> None:
         """Append keys/values [B, KV, L, D] after the `offset` valid positions."""
         new = keys.shape[2]
+        if self.keys is not None and self.keys.dtype != keys.dtype:
+            raise AFMError(f"this KV cache holds {self.keys.dtype} K/V and was handed {keys.dtype}: it was filled by "
+                           "a model storing another K/V form (another backend or dtype); rebuild it with this one")
         if self.keys is None or self.offset + new > self.keys.shape[2]:
             self._grow(keys, values, new)
         self.keys[..., self.offset:self.offset + new, :] = keys

@@ -33,6 +33,31 @@ def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.arr
     return _dequantize(dtype)(codes, scale)
 
 
+@lru_cache(maxsize=None)
+def _fake_quantize(dtype: mx.Dtype):
+    return mx.compile(lambda x, scale: dequantize_codes(quantize_codes(x, scale), scale, dtype), shapeless=True)
+
+
+def fake_quantize_int8(x: mx.array, scale: mx.array) -> mx.array:
+    """dequantize_int8(int8_codes(x, scale), scale, x.dtype) in one fused kernel: the very values the cache's
+    codes stand for, in x's dtype."""
+    return _fake_quantize(x.dtype)(x, scale)
+
+
+# Backends whose cache holds the fake-quantised K/V already dequantised (in the compute dtype: 2 bytes per
+# value on CUDA instead of 1) rather than the int8 codes. Without a kernel that reads codes, every step would
+# dequantise each regular layer's whole history again before MLX's SDPA; on an H200 that dequantise + SDPA took
+# 50-100 us against 18-31 us for SDPA over float K/V (S = 1,024 / 4,096, benchmarks/results/cuda-nvidia-h200/
+# kernels.md). The values are identical either way (tests/test_kv_storage.py).
+DEQUANTIZED_STORAGE_BACKENDS = ("cuda",)
+
+
+def stores_codes() -> bool:
+    """Whether a kv-quant layer caches int8 codes (read by the kv_attention kernel, or dequantised per step) rather
+    than their dequantised values."""
+    return kernels.model_uses("kv_attention") or backend_name() not in DEQUANTIZED_STORAGE_BACKENDS
+
+
 # Few-row attention (speculative verification) over the whole cache buffer with an explicit mask, on these
 # backends. MLX's CUDA SDPA runs L > 1 queries through cuDNN, which builds a graph per distinct (q, k, v) shape
 # (mlx/backend/cuda/scaled_dot_product_attention.cpp); the valid K/V length changes every round, so every verify
@@ -46,8 +71,8 @@ PADDED_ATTENTION_MAX_ROWS = 16
 class KVHistory:
     """A regular layer's K/V after this step: whole cache buffers [B, KV, S_alloc, D] with `length` valid.
 
-    Int8 codes with scalar scales under kv-quant (the GPU kernels read them directly), floats otherwise. The
-    float view is dequantised once and shared by every layer that attends to it (all the reuse layers).
+    Int8 codes with scalar scales where the cache stores codes (stores_codes()), floats otherwise. The float view
+    is dequantised once and shared by every layer that attends to it (all the reuse layers).
     """
 
     def __init__(self, keys, values, key_scale, value_scale, length: int):

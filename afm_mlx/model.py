@@ -6,8 +6,8 @@ H query heads, KV key/value heads, D head dim.
 
 The base has two segments: `layers` (regular transformer layers, each with its own KV cache) and
 `kv_reuse_layers`, which compute only queries and attend to the K/V history of the *last* regular layer.
-K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes (afm_mlx.kv:
-the codes, the history the reuse layers read, and the attention over it).
+K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes, or on CUDA
+the values they stand for (afm_mlx.kv: the codes, the history the reuse layers read, the attention over it).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from . import cpu, kernels
 from .cache import KVCache
-from .kv import KVHistory, attend, int8_codes
+from .kv import KVHistory, attend, fake_quantize_int8, int8_codes, stores_codes
 from .errors import AFMError
 
 
@@ -133,8 +133,11 @@ class Attention(nn.Module):
         q = self.q_norm(rope(q, self._periods, cache.offset))  # RoPE before the norm, as in tamm
         k = self.k_norm(rope(k, self._periods, cache.offset))
         scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
-        if self.kv_quant:
+        if self.kv_quant and stores_codes():
             k, v = int8_codes(k, scales[0]), int8_codes(v, scales[1])
+        elif self.kv_quant:  # the same values, stored dequantised (kv.DEQUANTIZED_STORAGE_BACKENDS)
+            k, v = fake_quantize_int8(k, scales[0]), fake_quantize_int8(v, scales[1])
+            scales = (None, None)
         cache.append(k, v)
         kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
         out = attend(q, kv, self.scale)

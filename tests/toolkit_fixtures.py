@@ -39,4 +39,4 @@ def decode_verify_logits(model) -> list[np.ndarray]:
     for c in cache:
         c.trim(2)
     logits.append(model(tokens[:, 12:20], cache))
-    return [np.array(x) for x in logits]
+    return [np.array(x.astype(mx.float32)) for x in logits]
