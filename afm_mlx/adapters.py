@@ -7,8 +7,9 @@
 Each adapted projection computes y = W x + scale * (x A) B without touching W (afm-format.md 3.1), so a 2-bit base
 keeps the adapter exact: fusing W + scale * (A B)^T into 2-bit weights would re-quantize it and erase the adapter.
 `LoRALinear` wraps the model's Linear / QuantizedLinear and returns the same [.., out] tensor the model expects; for
-the fused Q|K|V projection it adds the Q, K and V LoRAs to their own column blocks. Wrappers are put in place only
-for the active adapter and removed when none is active; switching between adapters flips one attribute per module.
+the fused Q|K|V projection one block-diagonal B adds the Q, K and V LoRAs to their own column blocks. Wrappers are
+put in place only for the active adapter and removed when none is active; switching between adapters flips one
+attribute per module.
 """
 
 from __future__ import annotations
@@ -34,23 +35,39 @@ from .converters.adapter_formats import (
     write_fmadapter,
 )
 from .errors import AFMError
+from .kernels import lora_block_diagonal
 
 
 @dataclass
 class LoRA:
-    """One module's LoRA: a [in, parts * r] (the parts' A side by side, one matmul), b per part [r, out_k]."""
+    """One module's LoRA: A [in, parts * r] (the parts' A side by side) and B [parts * r, out], block-diagonal over
+    the parts' B_k [r, out_k] (Q | K | V), so x A B = concat_k(x A_k B_k) is two matmuls for any number of parts
+    (on a launch-bound GPU each op costs; the zero blocks cost a little bandwidth instead)."""
 
     a: mx.array
-    b: list[mx.array]
+    b: mx.array
     scale: float
+    part_sizes: tuple[int, ...]  # out_k of each part
 
     @property
     def rank(self) -> int:
-        return self.b[0].shape[0]
+        return self.a.shape[1] // len(self.part_sizes)
+
+    @property
+    def num_parameters(self) -> int:
+        return self.a.size + self.rank * sum(self.part_sizes)  # the B_k, not the zero blocks
+
+    def parts(self) -> list[tuple[mx.array, mx.array]]:
+        """(A_k [in, r], B_k [r, out_k]) per part."""
+        r, start, out = self.rank, 0, []
+        for k, size in enumerate(self.part_sizes):
+            out.append((self.a[:, k * r:(k + 1) * r], self.b[k * r:(k + 1) * r, start:start + size]))
+            start += size
+        return out
 
 
 class LoRALinear(nn.Module):
-    """y = linear(x) + scale * (x A) B, with B applied per output part (Q | K | V) and the parts concatenated."""
+    """y = linear(x) + scale * (x A) B: the model's Linear / QuantizedLinear plus the active adapter's LoRA."""
 
     def __init__(self, linear: nn.Module):
         super().__init__()
@@ -62,12 +79,7 @@ class LoRALinear(nn.Module):
         lora = self.lora
         if lora is None:
             return y
-        h = x @ lora.a  # [..., parts * r]
-        if len(lora.b) == 1:
-            return mx.addmm(y, h, lora.b[0], alpha=lora.scale)
-        r = lora.rank
-        z = mx.concatenate([h[..., k * r:(k + 1) * r] @ b for k, b in enumerate(lora.b)], axis=-1)
-        return y + lora.scale * z
+        return mx.addmm(y, x @ lora.a, lora.b, alpha=lora.scale)
 
 
 @dataclass
@@ -82,7 +94,7 @@ class _Adapter:
 
     @property
     def num_parameters(self) -> int:
-        return sum(lora.a.size + sum(b.size for b in lora.b) for lora in self.loras.values())
+        return sum(lora.num_parameters for lora in self.loras.values())
 
 
 @dataclass
@@ -150,7 +162,7 @@ def add_adapter(model: nn.Module, adapter: AdapterWeights, name: str, activate: 
     wrappers = {p: registry.wrappers[p] if p in registry.wrappers else _new_wrapper(model, p)
                 for p in adapter.modules}
     loras = {p: _module_lora(adapter, p, _dtype(w.linear)) for p, w in wrappers.items()}
-    mx.eval([(lora.a, lora.b) for lora in loras.values()])
+    mx.eval([(lora.a, lora.b) for lora in loras.values()])  # the block-diagonal B built once, here
     registry.wrappers.update(wrappers)
     registry.adapters[name] = _Adapter(name, adapter.rank, adapter.scale, adapter.format, adapter.source,
                                        adapter.metadata, loras)
@@ -171,19 +183,21 @@ def _new_wrapper(model: nn.Module, path: str) -> LoRALinear:
 def _module_lora(adapter: AdapterWeights, module_path: str, dtype: mx.Dtype) -> LoRA:
     names = sorted(n for n in adapter.tensors if module_of(n) == module_path)  # lora_a[.k]..., lora_b[.k]...
     a = np.concatenate([adapter.tensors[n] for n in names if ".lora_a" in n], axis=1)
-    b = [mx.array(adapter.tensors[n]).astype(dtype) for n in names if ".lora_b" in n]
-    return LoRA(mx.array(a).astype(dtype), b, adapter.scale)
+    bs = [mx.array(adapter.tensors[n]).astype(dtype) for n in names if ".lora_b" in n]
+    b = bs[0] if len(bs) == 1 else lora_block_diagonal(bs)
+    return LoRA(mx.array(a).astype(dtype), b, adapter.scale, tuple(b_k.shape[1] for b_k in bs))
 
 
 def runtime_lora_shapes(args: Any, rank: int) -> dict[str, list[tuple[int, ...]]]:
-    """Shapes the wrappers allocate for a full adapter (module path -> [A, B per part]), without allocating."""
+    """Shapes the wrappers allocate for a full adapter (module path -> [A, B]), without allocating: the parts' A
+    side by side, their B block-diagonal."""
     shapes: dict[str, list[tuple[int, ...]]] = {}
     for slot in lora_layout(args, rank):
-        entry = shapes.setdefault(slot.module, [(slot.shape[0], 0)])
+        a, b = shapes.setdefault(slot.module, [(0, 0), (0, 0)])
         if ".lora_a" in slot.name:
-            entry[0] = (slot.shape[0], entry[0][1] + rank)  # A's side by side
+            shapes[slot.module][0] = (slot.shape[0], a[1] + rank)
         else:
-            entry.append(slot.shape)
+            shapes[slot.module][1] = (b[0] + rank, b[1] + slot.shape[1])
     return shapes
 
 
@@ -277,11 +291,8 @@ def fuse_adapter(model: nn.Module, name: str | None = None) -> None:
 
 
 def _delta(lora: LoRA) -> mx.array:
-    """scale * (A B)^T as [out, in] in float32, the parts' blocks stacked in output order."""
-    r = lora.rank
-    a = lora.a.astype(mx.float32)
-    blocks = [(a[:, k * r:(k + 1) * r] @ b.astype(mx.float32)).T for k, b in enumerate(lora.b)]
-    return lora.scale * mx.concatenate(blocks, axis=0)
+    """scale * (A B)^T as [out, in] in float32 (B block-diagonal: the parts' blocks stacked in output order)."""
+    return lora.scale * (lora.a.astype(mx.float32) @ lora.b.astype(mx.float32)).T
 
 
 def adapter_weights(model: nn.Module, name: str) -> AdapterWeights:
@@ -292,11 +303,10 @@ def adapter_weights(model: nn.Module, name: str) -> AdapterWeights:
     entry = registry.adapters[name]
     tensors = {}
     for path, lora in entry.loras.items():
-        r, fused = lora.rank, len(lora.b) > 1
-        a = np.array(lora.a.astype(mx.float32))
-        for k, b in enumerate(lora.b):
+        fused = len(lora.part_sizes) > 1
+        for k, (a, b) in enumerate(lora.parts()):
             part = f".{k}" if fused else ""
-            tensors[f"{path}.lora_a{part}"] = np.ascontiguousarray(a[:, k * r:(k + 1) * r])
+            tensors[f"{path}.lora_a{part}"] = np.array(a.astype(mx.float32))
             tensors[f"{path}.lora_b{part}"] = np.array(b.astype(mx.float32))
     return AdapterWeights(tensors, entry.rank, entry.scale, entry.format, entry.source, dict(entry.metadata))
 

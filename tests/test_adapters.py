@@ -147,7 +147,7 @@ def test_allocated_shapes_match_runtime_lora_shapes(model, pt_a):
     from afm_mlx.adapters import _registry
 
     loras = _registry(model).adapters[name].loras
-    built = {path: [tuple(lora.a.shape)] + [tuple(b.shape) for b in lora.b] for path, lora in loras.items()}
+    built = {path: [tuple(lora.a.shape), tuple(lora.b.shape)] for path, lora in loras.items()}
     assert built == runtime_lora_shapes(ARGS, RANK)
 
 

@@ -66,8 +66,11 @@ def test_full_3b_counts():
     assert len(lora_layout(BASE_3B, 32)) == 700
     shapes = runtime_lora_shapes(BASE_3B, 32)  # what the LoRA wrappers would allocate
     assert len(shapes) == 35 * 5 + 21 * 5  # wrapped projections; tamm's 350 LoRA modules count Q, K, V apart
-    assert sum(len(parts) - 1 for parts in shapes.values()) == 350
-    assert sum(int(np.prod(s)) for parts in shapes.values() for s in parts) == 66_633_728
+    assert sum(a[1] // 32 for a, _ in shapes.values()) == 350  # one r-wide A per LoRA module
+    assert sum(a[0] * a[1] + 32 * b[1] for a, b in shapes.values()) == 66_633_728  # A + the B blocks
+    # the fused Q|K|V B is block-diagonal [96, 2048 + 256 + 256]: its zero blocks are allocated too
+    zero_blocks = 35 * (96 - 32) * (2048 + 2 * 256)
+    assert sum(int(np.prod(a)) + int(np.prod(b)) for a, b in shapes.values()) == 66_633_728 + zero_blocks
     assert fmadapter_blob_size(BASE_3B, 32) == 133_312_320  # "~133 MB" (afm-format.md 3.4)
 
 
