@@ -4,8 +4,9 @@
 # On a fresh machine MLX compiles every kernel on first use (NVRTC, seconds each): the first stages pay for it.
 #   0. the CUDA kernels: their GPU tests and benchmarks/kernels_bench.py --quick;
 #   1. demo family: prefill at 32/128/512, 64-token decode, k = 1, 2, 4 at T = 0, adapter, 3 trials;
-#   1b. benchmarks/probe/decode_probe.py: demo plain decode as shipped, with the kv_attention kernel, and with
-#       uncompiled K/V helpers, interleaved with mlx-lm, plus graph nodes and host time per decode step;
+#   1b. benchmarks/probe/decode_probe.py: demo plain decode as shipped, with the K/V cached as codes, and with an
+#       adapter applied both ways, interleaved with mlx-lm, plus graph nodes and host time per decode step
+#       (stage "probe"; "probe-full": the same on the full-size 3B, not in the default STAGES);
 #   1c. benchmarks/probe/verify_probe.py: demo verify forwards at growing K/V lengths, attention over the valid
 #       prefix (MLX's cuDNN: a graph per length) vs over the padded buffer (afm_mlx.kv, CUDA default);
 #   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2, 4
@@ -40,12 +41,13 @@ FULL_LIMIT=${FULL_LIMIT:-130}
 KERNEL_TEST_LIMIT=${KERNEL_TEST_LIMIT:-150}  # per test, all tests at once; the H100 finished 2 in 60 s run serially
 KERNEL_BENCH_LIMIT=${KERNEL_BENCH_LIMIT:-60}
 DECODE_PROBE_LIMIT=${DECODE_PROBE_LIMIT:-50}
+FULL_PROBE_LIMIT=${FULL_PROBE_LIMIT:-90}
 PROBE_LIMIT=${PROBE_LIMIT:-45}
 VERIFY_LIMIT=${VERIFY_LIMIT:-40}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --ks 1,2,4 --temperatures 0 --time-budget 80}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --trials 2 --ks 2,4 --time-budget 80}
 KERNEL_BENCH_ARGS=${KERNEL_BENCH_ARGS:-}  # e.g. --only attention
-PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,kv-kernel,plain-kv}
+PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,codes-kv,adapter,adapter-per-part}
 STAGES=" ${STAGES:-kernels kernel-bench demo probe verify full} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 
@@ -141,13 +143,17 @@ RESULTS=$(mktemp -d)/results
       timeout "$DEMO_LIMIT" $PY benchmarks/run_bench.py $DEMO_ARGS --out "$RESULTS/_machine_"
     fi
     if stage probe; then
-      echo "== where demo decode loses to mlx-lm (limit ${DECODE_PROBE_LIMIT}s)"
+      echo "== demo decode variants next to mlx-lm (limit ${DECODE_PROBE_LIMIT}s)"
       timeout "$DECODE_PROBE_LIMIT" $PY benchmarks/probe/decode_probe.py $PROBE_ARGS
     fi
     if stage verify; then
       echo "== verify cost at growing K/V lengths, prefix vs padded attention (limit ${VERIFY_LIMIT}s)"
       timeout "$VERIFY_LIMIT" $PY benchmarks/probe/verify_probe.py --rounds 40
     fi
+  fi
+  if stage probe-full; then
+    echo "== full-size decode variants next to mlx-lm (limit ${FULL_PROBE_LIMIT}s)"
+    timeout "$FULL_PROBE_LIMIT" $PY benchmarks/probe/decode_probe.py --workload full $PROBE_ARGS
   fi
   if stage full; then
     echo "== full size, synthetic weights (limit ${FULL_LIMIT}s)"
