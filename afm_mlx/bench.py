@@ -882,8 +882,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     if results["workload"]["name"] == "full" and ours:
         for label in ("weights", "weights (16-bit scales)"):
             total = results["memory"][f"afm-mlx: {label} + 4k-token KV bytes"]
-            out.append({"goal": f"3B base + draft + 4k int8 KV <= 1.2 GB ({label}, arrays)", "value": total / GB,
-                        "met": total <= 1.2 * GB})
+            goal = f"3B base + draft + 4k-token KV as cached (int8; values on CUDA) <= 1.2 GB ({label}, arrays)"
+            out.append({"goal": goal, "value": total / GB, "met": total <= 1.2 * GB})
     adapter = (ours or {}).get("adapter", {})
     if adapter.get("status") == "measured":
         out.append({"goal": "decode with an adapter <= 15% slower", "value": adapter["slowdown"],
