@@ -12,8 +12,6 @@ overwrites the stale slots.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 
 from .errors import AFMError
@@ -80,30 +78,3 @@ class KVCache:
     def allocated_bytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-
-def trim_caches(caches: list[KVCache], n: int) -> None:
-    for c in caches:
-        c.trim(n)
-
-
-def save_caches(path: str | Path, caches: list[KVCache], metadata: dict[str, str] | None = None) -> None:
-    """Write the valid part of every cache to one safetensors file (a prompt-cache snapshot)."""
-    arrays = {}
-    for i, c in enumerate(caches):
-        if c.keys is not None:
-            arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.state
-    meta = dict(metadata or {}, num_caches=str(len(caches)))
-    mx.save_safetensors(str(path), arrays, metadata=meta)
-
-
-def load_caches(path: str | Path) -> tuple[list[KVCache], dict[str, str]]:
-    try:
-        arrays, meta = mx.load(str(path), return_metadata=True)
-        count = int(meta["num_caches"])
-    except (OSError, RuntimeError, ValueError, KeyError) as err:
-        raise AFMError(f"{path}: not a cache file written by afm-mlx ({err})") from None
-    caches = [KVCache() for _ in range(count)]
-    for i, c in enumerate(caches):
-        if f"{i}.keys" in arrays:
-            c.state = (arrays[f"{i}.keys"], arrays[f"{i}.values"])
-    return caches, meta
