@@ -53,8 +53,8 @@ def test_cache_dtype_follows_the_storage(monkeypatch):
 
 
 def test_a_cache_filled_in_one_form_refuses_the_other(monkeypatch):
-    """A codes cache handed floats (e.g. a prompt cache saved on the CPU, continued on CUDA) would have them cast
-    to int8 silently: refused in one line instead."""
+    """A codes cache handed floats (filled before the storage form changed, e.g. under another backend policy)
+    would have them cast to int8 silently: refused in one line instead."""
     model = mlx_model_from_toolkit(toolkit_weights(tiny_base(), seed=7))
     cache = model.make_cache()
     model.prefill(mx.array(STEP_TOKENS)[None, :5], cache)
