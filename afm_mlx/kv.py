@@ -68,6 +68,16 @@ PADDED_ATTENTION_BACKENDS = ("cuda",)
 PADDED_ATTENTION_MAX_ROWS = 16
 
 
+def as_stored(keys: mx.array, values: mx.array, key_scale, value_scale):
+    """(keys, values, key_scale, value_scale) in the form the cache keeps: the int8 codes and their scales where
+    stores_codes(), else the codes' values (scales None: nothing left to apply); floats without kv-quant as given."""
+    if key_scale is None:
+        return keys, values, None, None
+    if stores_codes():
+        return int8_codes(keys, key_scale), int8_codes(values, value_scale), key_scale, value_scale
+    return fake_quantize_int8(keys, key_scale), fake_quantize_int8(values, value_scale), None, None
+
+
 class KVHistory:
     """A regular layer's K/V after this step: whole cache buffers [B, KV, S_alloc, D] with `length` valid.
 

@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from . import cpu, kernels
 from .cache import KVCache
-from .kv import KVHistory, attend, fake_quantize_int8, int8_codes, stores_codes
+from .kv import KVHistory, as_stored, attend
 from .errors import AFMError
 
 
@@ -133,11 +133,7 @@ class Attention(nn.Module):
         q = self.q_norm(rope(q, self._periods, cache.offset))  # RoPE before the norm, as in tamm
         k = self.k_norm(rope(k, self._periods, cache.offset))
         scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
-        if self.kv_quant and stores_codes():
-            k, v = int8_codes(k, scales[0]), int8_codes(v, scales[1])
-        elif self.kv_quant:  # the same values, stored dequantised (kv.DEQUANTIZED_STORAGE_BACKENDS)
-            k, v = fake_quantize_int8(k, scales[0]), fake_quantize_int8(v, scales[1])
-            scales = (None, None)
+        k, v, *scales = as_stored(k, v, *scales)  # int8 fake-quant: codes, or on CUDA their values
         cache.append(k, v)
         kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
         out = attend(q, kv, self.scale)

@@ -33,7 +33,6 @@ from contextlib import ExitStack, contextmanager
 import mlx.core as mx
 
 import afm_mlx.kv as KV
-import afm_mlx.model as M
 from afm_mlx import adapters, bench, kernels
 from afm_mlx.kernels import dispatch
 from afm_mlx.kernels.reference import dequantize_codes, quantize_codes
@@ -74,11 +73,10 @@ def variant(name: str, model):
             kernels.set_enabled(False)
             stack.callback(kernels.set_enabled, True)
         if name == "plain-kv":
-            stack.enter_context(patched(M, "int8_codes", quantize_codes))
+            stack.enter_context(patched(KV, "int8_codes", quantize_codes))
             stack.enter_context(patched(KV, "dequantize_int8", dequantize_codes))
             stack.enter_context(patched(KV, "fake_quantize_int8", lambda x, s: dequantize_codes(
                 quantize_codes(x, s), s, x.dtype)))
-            stack.enter_context(patched(M, "fake_quantize_int8", KV.fake_quantize_int8))
         if name.startswith("adapter"):
             adapters.set_active_adapter(model, ADAPTER)
             stack.callback(adapters.set_active_adapter, model, None)
