@@ -35,7 +35,7 @@ from .converters.adapter_formats import (
     write_fmadapter,
 )
 from .errors import AFMError
-from .kernels import lora_block_diagonal
+from .kernels import SmallBatchQuantizedLinear, add_lora, lora_block_diagonal
 
 
 @dataclass
@@ -75,11 +75,13 @@ class LoRALinear(nn.Module):
         self.lora: LoRA | None = None  # plain attribute: not a parameter, set by set_active_adapter
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear(x)
         lora = self.lora
         if lora is None:
-            return y
-        return mx.addmm(y, x @ lora.a, lora.b, alpha=lora.scale)
+            return self.linear(x)
+        term = (lora.a, lora.b, lora.scale)
+        if isinstance(self.linear, SmallBatchQuantizedLinear):  # on Metal: @ B inside the few-row kernel
+            return self.linear(x, lora=term)
+        return add_lora(self.linear(x), x, term)
 
 
 @dataclass

@@ -97,16 +97,20 @@ def quantized_linear_small(x, layer, lora=None) -> mx.array:
     dtype; so a model can route all its linears through here. lora = (A[K, r], B[r, N], lora_scale) or None.
     """
     if not isinstance(layer, nn.QuantizedLinear) or getattr(layer, "mode", "affine") != "affine":
-        y = layer(x)
-        if lora is not None:
-            a, b, lora_scale = lora
-            y = y + (lora_scale * ((x @ a) @ b)).astype(y.dtype)
-        return y
+        return add_lora(layer(x), x, lora)
     y = qmm_small(x, layer.weight, layer.scales, layer.biases, bits=layer.bits, group_size=layer.group_size,
                   lora=lora)  # fmt: skip
     if "bias" in layer:
         y = y + layer.bias
     return y
+
+
+def add_lora(y: mx.array, x: mx.array, lora) -> mx.array:
+    """y + lora_scale * (x @ A) @ B in y's dtype, as one matmul and one addmm; lora = (A, B, lora_scale) or None."""
+    if lora is None:
+        return y
+    a, b, lora_scale = lora
+    return mx.addmm(y, x @ a, b, alpha=lora_scale).astype(y.dtype)
 
 
 def lora_block_diagonal(bs: list[mx.array]) -> mx.array:
@@ -131,10 +135,11 @@ class SmallBatchQuantizedLinear(nn.QuantizedLinear):
     exactly what nn.QuantizedLinear does (mx.quantized_matmul).
     """
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, lora=None) -> mx.array:
+        """lora = (A, B, lora_scale): an adapter's term, fused into the kernel's reduction where it runs."""
         if dispatch.model_uses("qmm_small"):
-            return quantized_linear_small(x, self)
-        return super().__call__(x)
+            return quantized_linear_small(x, self, lora)
+        return add_lora(super().__call__(x), x, lora)
 
 
 def use_small_batch_kernels(model: nn.Module) -> int:

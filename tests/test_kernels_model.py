@@ -44,6 +44,25 @@ def test_model_logits_with_kernels_equal_without():
         assert_close(a, b.astype(np.float64), mx.float32, f"step {step}")
 
 
+def test_adapter_logits_with_the_fused_lora_kernel_equal_without():
+    """With an adapter active, every few-row quantized projection takes its LoRA term into qmm_small's reduction
+    (x @ A by MLX, @ B in the kernel): the logits match the plain LoRA path's."""
+    from afm_mlx import bench
+    from afm_mlx.adapters import add_adapter
+    from afm_mlx.kernels import dispatch
+
+    model = quantized_tiny_model()
+    add_adapter(model, bench.random_adapter(model.args, 4, seed=1), "a", activate=True)
+    without = decode_verify_logits(model)
+    with emulated("metal"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_kernels = decode_verify_logits(model)
+        with_lora = [ok for key, ok in dispatch.verdicts().items() if key[0] == "qmm_small" and key[7]]
+    assert len(with_lora) >= 3 and all(with_lora)  # M = 1, 4, 8 with the LoRA term fused
+    for step, (a, b) in enumerate(zip(with_kernels, without)):
+        assert_close(a, b.astype(np.float64), mx.float32, f"step {step}")
+
+
 def test_every_attention_reads_int8_codes(monkeypatch):
     """Guards the test above: with a GPU backend, every regular and reuse layer attends through the kernel."""
     model = quantized_tiny_model()
