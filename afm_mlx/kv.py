@@ -48,7 +48,8 @@ def fake_quantize_int8(x: mx.array, scale: mx.array) -> mx.array:
 # value on CUDA instead of 1) rather than the int8 codes. Without a kernel that reads codes, every step would
 # dequantise each regular layer's whole history again before MLX's SDPA; on an H200 that dequantise + SDPA took
 # 50-100 us against 18-31 us for SDPA over float K/V (S = 1,024 / 4,096, benchmarks/results/cuda-nvidia-h200/
-# kernels.md). The values are identical either way (tests/test_kv_storage.py).
+# kernels.md). The values are identical either way (tests/test_kv_storage.py). Not yet timed in the model on a
+# GPU: benchmarks/probe/decode_probe.py, variant codes-kv.
 DEQUANTIZED_STORAGE_BACKENDS = ("cuda",)
 
 
@@ -61,9 +62,10 @@ def stores_codes() -> bool:
 # Few-row attention (speculative verification) over the whole cache buffer with an explicit mask, on these
 # backends. MLX's CUDA SDPA runs L > 1 queries through cuDNN, which builds a graph per distinct (q, k, v) shape
 # (mlx/backend/cuda/scaled_dot_product_attention.cpp); the valid K/V length changes every round, so every verify
-# pays a build -- the likely reason the 3B verify forward took 50 ms per round against a 9.4 ms decode step on an
-# H100 (benchmarks/results/cuda-nvidia-h100-80gb-hbm3/full.md; not yet re-timed with this). The buffer grows in
-# KVCache.step chunks, so its shape, and the graph, hold for 256 positions.
+# pays a build: the 3B verify forward took 50 ms per round against a 9.4 ms decode step on an H100, and a 3-row
+# demo verify at lengths 129..168 took 48.7 ms over the prefix, 1.72 ms padded (H200, verify_probe.py, gpu_run-2.log
+# in benchmarks/results/cuda-nvidia-h200/). The buffer grows in KVCache.step chunks, so its shape, and the graph,
+# hold for 256 positions.
 PADDED_ATTENTION_BACKENDS = ("cuda",)
 PADDED_ATTENTION_MAX_ROWS = 16
 
