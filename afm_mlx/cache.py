@@ -2,8 +2,8 @@
 
 Storage is dtype-agnostic: the model hands over int8 codes when the checkpoint has kv-quant scales
 (lossless, because AFM's K/V are on that int8 grid by construction: 17,920 bytes/token for the 3B base
-instead of 71,680 in fp32), floats otherwise (a draft without kv-quantizer buffers, or on a backend where the
-model stores the codes' values: afm_mlx.kv.DEQUANTIZED_STORAGE_BACKENDS). One cache holds one dtype.
+instead of 71,680 in fp32), floats otherwise (a draft without kv-quantizer buffers, or the codes' values on a
+backend in afm_mlx.kv.DEQUANTIZED_STORAGE_BACKENDS, none by default). One cache holds one dtype.
 
 Arrays are [B, KV heads, S_alloc, head dim] and grow in chunks of `step` positions; `offset` is the number of
 valid positions. `trim(n)` only moves `offset` back: speculative rollback costs nothing, and the next update

@@ -45,12 +45,14 @@ def fake_quantize_int8(x: mx.array, scale: mx.array) -> mx.array:
 
 
 # Backends whose cache holds the fake-quantised K/V already dequantised (in the compute dtype: 2 bytes per
-# value on CUDA instead of 1) rather than the int8 codes. Without a kernel that reads codes, every step would
-# dequantise each regular layer's whole history again before MLX's SDPA; on an H200 that dequantise + SDPA took
-# 50-100 us against 18-31 us for SDPA over float K/V (S = 1,024 / 4,096, benchmarks/results/cuda-nvidia-h200/
-# kernels.md). The values are identical either way (tests/test_kv_storage.py). Not yet timed in the model on a
-# GPU: benchmarks/probe/decode_probe.py, variant codes-kv.
-DEQUANTIZED_STORAGE_BACKENDS = ("cuda",)
+# value on CUDA instead of 1) rather than the int8 codes; none by default. Without a kernel that reads codes, every
+# step dequantises each regular layer's history again before MLX's SDPA, and on an H200 that dequantise + SDPA
+# took 50-100 us per call against 18-31 us for SDPA over float K/V (benchmarks/results/cuda-nvidia-h200/
+# kernels.md). In the model the saving did not show: with ("cuda",) an H200 decoded the 3B at 81.9 tok/s against
+# 84.9 storing codes (8.7 vs 8.4 ms per step evaluated alone, 1,686 vs 1,546 graph nodes) and the demo at 1,026
+# against 1,003 (3 interleaved trials each, gpu_run-4.log). The memory doubles for certain, the speed is not
+# shown to gain, so codes stay everywhere. The values are identical either way (tests/test_kv_storage.py).
+DEQUANTIZED_STORAGE_BACKENDS: tuple[str, ...] = ()
 
 
 def stores_codes() -> bool:

@@ -6,8 +6,8 @@ H query heads, KV key/value heads, D head dim.
 
 The base has two segments: `layers` (regular transformer layers, each with its own KV cache) and
 `kv_reuse_layers`, which compute only queries and attend to the K/V history of the *last* regular layer.
-K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes, or on CUDA
-the values they stand for (afm_mlx.kv: the codes, the history the reuse layers read, the attention over it).
+K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes (afm_mlx.kv:
+the codes, the history the reuse layers read, the attention over it).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Attention(nn.Module):
         q = self.q_norm(rope(q, self._periods, cache.offset))  # RoPE before the norm, as in tamm
         k = self.k_norm(rope(k, self._periods, cache.offset))
         scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
-        k, v, *scales = as_stored(k, v, *scales)  # int8 fake-quant: codes, or on CUDA their values
+        k, v, *scales = as_stored(k, v, *scales)  # the int8 fake-quant, as the cache keeps it
         cache.append(k, v)
         kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
         out = attend(q, kv, self.scale)

@@ -6,8 +6,8 @@ and times its graph construction on the host (Python + MLX op creation, no evalu
 (no pipelining: host build + device execution):
 
     default           afm-mlx as shipped
-    codes-kv          the int8 K/V cached as codes and dequantised every step (the CUDA default until
-                      afm_mlx.kv.DEQUANTIZED_STORAGE_BACKENDS; still the Metal and CPU form)
+    values-kv         the int8 K/V cached as the values the codes stand for, not dequantised every step
+                      (afm_mlx.kv.DEQUANTIZED_STORAGE_BACKENDS; on an H200 this did not pay, gpu_run-4.log)
     kv-kernel         int8 attention through the kv_attention kernel on this backend too (CUDA: off by default,
                       kernels/dispatch.py MODEL_BACKENDS; it reads codes, so they are cached)
     kernels-off       AFM_MLX_KERNELS=0: no custom kernel anywhere
@@ -34,11 +34,12 @@ import mlx.core as mx
 
 import afm_mlx.kv as KV
 from afm_mlx import adapters, bench, kernels
+from afm_mlx.dtypes import backend_name
 from afm_mlx.kernels import dispatch
 from afm_mlx.kernels.reference import dequantize_codes, quantize_codes
 
 
-VARIANTS = ["default", "codes-kv", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part"]
+VARIANTS = ["default", "values-kv", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part"]
 ADAPTER = "probe-random-adapter"
 
 
@@ -64,8 +65,8 @@ def patched(obj, name, value):
 @contextmanager
 def variant(name: str, model):
     with ExitStack() as stack:
-        if name in ("codes-kv", "kv-kernel"):
-            stack.enter_context(patched(KV, "DEQUANTIZED_STORAGE_BACKENDS", ()))
+        if name == "values-kv":
+            stack.enter_context(patched(KV, "DEQUANTIZED_STORAGE_BACKENDS", (backend_name(),)))
         if name == "kv-kernel":
             stack.enter_context(patched(dispatch, "MODEL_BACKENDS", {**dispatch.MODEL_BACKENDS,
                                                                      "kv_attention": ("metal", "cuda")}))
