@@ -6,8 +6,8 @@
 #      "kernel-bench": benchmarks/kernels_bench.py --quick ($KERNEL_BENCH_ARGS, e.g. --only attention). Neither is
 #      in the default STAGES any more: both have run (benchmarks/results/cuda-nvidia-h200/).
 #   1. demo family: prefill at 32/128/512, 64-token decode, k = 1, 2, 4 at T = 0, adapter, 3 trials;
-#   1b. benchmarks/probe/decode_probe.py: demo plain decode as shipped, with the K/V cached as values, and with an
-#       adapter applied both ways, interleaved with mlx-lm, plus graph nodes and host time per decode step
+#   1b. benchmarks/probe/decode_probe.py: demo plain decode as shipped, and with an adapter as shipped and in the
+#       gemv layout, interleaved with mlx-lm, plus graph nodes and host time per decode step
 #       (stage "probe"; "probe-full": the same on the full-size 3B);
 #   1c. benchmarks/probe/verify_probe.py: demo verify forwards at growing K/V lengths, attention over the valid
 #       prefix (MLX's cuDNN: a graph per length) vs over the padded buffer (afm_mlx.kv, CUDA default);
@@ -49,7 +49,7 @@ VERIFY_LIMIT=${VERIFY_LIMIT:-40}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --ks 1,2,4 --temperatures 0 --time-budget 80}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --trials 2 --ks 2,4 --time-budget 80}
 KERNEL_BENCH_ARGS=${KERNEL_BENCH_ARGS:-}  # e.g. --only attention
-PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,values-kv,adapter,adapter-per-part}
+PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,adapter,adapter-gemv}
 STAGES=" ${STAGES:-demo probe probe-full verify full} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 

@@ -14,6 +14,10 @@ and times its graph construction on the host (Python + MLX op creation, no evalu
     plain-kv          the K/V quantise / dequantise helpers uncompiled
     adapter           a random full rank-32 LoRA adapter active (as shipped: a block-diagonal B for Q|K|V)
     adapter-per-part  the same adapter applied per Q / K / V part (3 slices, 3 matmuls, a concat: the form before)
+    adapter-gemv      the same adapter with A and B stored transposed (the linear layout [out, in], scale folded into
+                      A) and y + (x A) B as two matmuls and an add: for one row MLX's CUDA backend then runs its
+                      gemv kernel (mlx/backend/cuda/gemms/gemv.cu: M == 1 with b transposed) instead of two
+                      cuBLASLt calls (x @ A with A [in, r], and addmm); on an H200 an adapter cost 56-58% of decode
 
 The H100 run that chose the earlier defaults (kv_attention off on CUDA, compiled K/V helpers) measured variants
 of the then default; its log is benchmarks/results/cuda-nvidia-h100-80gb-hbm3/gpu_run-1.log.
@@ -39,7 +43,8 @@ from afm_mlx.kernels import dispatch
 from afm_mlx.kernels.reference import dequantize_codes, quantize_codes
 
 
-VARIANTS = ["default", "values-kv", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part"]
+VARIANTS = ["default", "values-kv", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part",
+            "adapter-gemv"]
 ADAPTER = "probe-random-adapter"
 
 
@@ -50,6 +55,24 @@ def per_part_lora(self, x):
         return y
     z = mx.concatenate([(x @ a) @ b for a, b in lora.parts()], axis=-1)
     return y + lora.scale * z
+
+
+GEMV_LAYOUT: dict[int, tuple[mx.array, mx.array]] = {}  # id(LoRA) -> (scale * A^T [r, in], B^T [out, r])
+
+
+def gemv_layout(model) -> None:
+    for lora in adapters._registry(model).adapters[ADAPTER].loras.values():
+        GEMV_LAYOUT[id(lora)] = (mx.contiguous((lora.a * lora.scale).T), mx.contiguous(lora.b.T))
+    mx.eval(list(GEMV_LAYOUT.values()))
+
+
+def gemv_lora(self, x):
+    """LoRALinear.__call__ over the transposed layout: x @ (sA^T)^T then @ (B^T)^T, both gemv for one row."""
+    y, lora = self.linear(x), self.lora
+    if lora is None:
+        return y
+    a_t, b_t = GEMV_LAYOUT[id(lora)]
+    return y + (x @ a_t.T) @ b_t.T
 
 
 @contextmanager
@@ -83,6 +106,8 @@ def variant(name: str, model):
             stack.callback(adapters.set_active_adapter, model, None)
         if name == "adapter-per-part":
             stack.enter_context(patched(adapters.LoRALinear, "__call__", per_part_lora))
+        if name == "adapter-gemv":
+            stack.enter_context(patched(adapters.LoRALinear, "__call__", gemv_lora))
         yield
 
 
@@ -121,6 +146,8 @@ def main() -> None:
     model = workload.model
     if any(n.startswith("adapter") for n in names):
         adapters.add_adapter(model, bench.random_adapter(model.args, 32, 0), ADAPTER)
+        if "adapter-gemv" in names:
+            gemv_layout(model)
     ours = bench.AfmEngine(model, None, workload.vocab_size)
     theirs = bench.MlxLmEngine(model, None)
     tps: dict[str, list[float]] = {n: [] for n in names + ["mlx-lm"]}
