@@ -2,8 +2,7 @@
 
 Storage is dtype-agnostic: the model hands over int8 codes when the checkpoint has kv-quant scales
 (lossless, because AFM's K/V are on that int8 grid by construction: 17,920 bytes/token for the 3B base
-instead of 71,680 in fp32), floats otherwise (a draft without kv-quantizer buffers, or the codes' values on a
-backend in afm_mlx.kv.DEQUANTIZED_STORAGE_BACKENDS, none by default). One cache holds one dtype.
+instead of 71,680 in fp32) and floats otherwise (a draft without kv-quantizer buffers).
 
 Arrays are [B, KV heads, S_alloc, head dim] and grow in chunks of `step` positions; `offset` is the number of
 valid positions. `trim(n)` only moves `offset` back: speculative rollback costs nothing, and the next update
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .errors import AFMError
 
 
 class KVCache:
@@ -28,9 +26,6 @@ class KVCache:
     def append(self, keys: mx.array, values: mx.array) -> None:
         """Append keys/values [B, KV, L, D] after the `offset` valid positions."""
         new = keys.shape[2]
-        if self.keys is not None and self.keys.dtype != keys.dtype:
-            raise AFMError(f"this KV cache holds {self.keys.dtype} K/V and was handed {keys.dtype}: it was filled by "
-                           "a model storing another K/V form (another backend or dtype); rebuild it with this one")
         if self.keys is None or self.offset + new > self.keys.shape[2]:
             self._grow(keys, values, new)
         self.keys[..., self.offset:self.offset + new, :] = keys

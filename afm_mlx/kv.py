@@ -33,34 +33,6 @@ def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.arr
     return _dequantize(dtype)(codes, scale)
 
 
-@lru_cache(maxsize=None)
-def _fake_quantize(dtype: mx.Dtype):
-    return mx.compile(lambda x, scale: dequantize_codes(quantize_codes(x, scale), scale, dtype), shapeless=True)
-
-
-def fake_quantize_int8(x: mx.array, scale: mx.array) -> mx.array:
-    """dequantize_int8(int8_codes(x, scale), scale, x.dtype) in one fused kernel: the very values the cache's
-    codes stand for, in x's dtype."""
-    return _fake_quantize(x.dtype)(x, scale)
-
-
-# Backends whose cache holds the fake-quantised K/V already dequantised (in the compute dtype: 2 bytes per
-# value on CUDA instead of 1) rather than the int8 codes; none by default. Without a kernel that reads codes, every
-# step dequantises each regular layer's history again before MLX's SDPA, and on an H200 that dequantise + SDPA
-# took 50-100 us per call against 18-31 us for SDPA over float K/V (benchmarks/results/cuda-nvidia-h200/
-# kernels.md). In the model the saving did not show: with ("cuda",) an H200 decoded the 3B at 81.9 tok/s against
-# 84.9 storing codes (8.7 vs 8.4 ms per step evaluated alone, 1,686 vs 1,546 graph nodes) and the demo at 1,026
-# against 1,003 (3 interleaved trials each, gpu_run-4.log). The memory doubles for certain, the speed is not
-# shown to gain, so codes stay everywhere. The values are identical either way (tests/test_kv_storage.py).
-DEQUANTIZED_STORAGE_BACKENDS: tuple[str, ...] = ()
-
-
-def stores_codes() -> bool:
-    """Whether a kv-quant layer caches int8 codes (read by the kv_attention kernel, or dequantised per step) rather
-    than their dequantised values."""
-    return kernels.model_uses("kv_attention") or backend_name() not in DEQUANTIZED_STORAGE_BACKENDS
-
-
 # Few-row attention (speculative verification) over the whole cache buffer with an explicit mask, on these
 # backends. MLX's CUDA SDPA runs L > 1 queries through cuDNN, which builds a graph per distinct (q, k, v) shape
 # (mlx/backend/cuda/scaled_dot_product_attention.cpp); the valid K/V length changes every round, so every verify
@@ -72,21 +44,11 @@ PADDED_ATTENTION_BACKENDS = ("cuda",)
 PADDED_ATTENTION_MAX_ROWS = 16
 
 
-def as_stored(keys: mx.array, values: mx.array, key_scale, value_scale):
-    """(keys, values, key_scale, value_scale) in the form the cache keeps: the int8 codes and their scales where
-    stores_codes(), else the codes' values (scales None: nothing left to apply); floats without kv-quant as given."""
-    if key_scale is None:
-        return keys, values, None, None
-    if stores_codes():
-        return int8_codes(keys, key_scale), int8_codes(values, value_scale), key_scale, value_scale
-    return fake_quantize_int8(keys, key_scale), fake_quantize_int8(values, value_scale), None, None
-
-
 class KVHistory:
     """A regular layer's K/V after this step: whole cache buffers [B, KV, S_alloc, D] with `length` valid.
 
-    Int8 codes with scalar scales where the cache stores codes (stores_codes()), floats otherwise. The float view
-    is dequantised once and shared by every layer that attends to it (all the reuse layers).
+    Int8 codes with scalar scales under kv-quant (the kernel reads them directly), floats otherwise. The float
+    view is dequantised once and shared by every layer that attends to it (all the reuse layers).
     """
 
     def __init__(self, keys, values, key_scale, value_scale, length: int):

@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from . import cpu, kernels
 from .cache import KVCache
-from .kv import KVHistory, as_stored, attend
+from .kv import KVHistory, attend, int8_codes
 from .errors import AFMError
 
 
@@ -133,7 +133,8 @@ class Attention(nn.Module):
         q = self.q_norm(rope(q, self._periods, cache.offset))  # RoPE before the norm, as in tamm
         k = self.k_norm(rope(k, self._periods, cache.offset))
         scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
-        k, v, *scales = as_stored(k, v, *scales)  # the int8 fake-quant, as the cache keeps it
+        if self.kv_quant:
+            k, v = int8_codes(k, scales[0]), int8_codes(v, scales[1])
         cache.append(k, v)
         kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
         out = attend(q, kv, self.scale)

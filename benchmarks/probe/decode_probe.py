@@ -6,8 +6,6 @@ and times its graph construction on the host (Python + MLX op creation, no evalu
 (no pipelining: host build + device execution):
 
     default           afm-mlx as shipped
-    values-kv         the int8 K/V cached as the values the codes stand for, not dequantised every step
-                      (afm_mlx.kv.DEQUANTIZED_STORAGE_BACKENDS; on an H200 this did not pay, gpu_run-4.log)
     kv-kernel         int8 attention through the kv_attention kernel on this backend too (CUDA: off by default,
                       kernels/dispatch.py MODEL_BACKENDS; it reads codes, so they are cached)
     kernels-off       AFM_MLX_KERNELS=0: no custom kernel anywhere
@@ -37,13 +35,13 @@ from contextlib import ExitStack, contextmanager
 import mlx.core as mx
 
 import afm_mlx.kv as KV
+import afm_mlx.model as M
 from afm_mlx import adapters, bench, kernels
-from afm_mlx.dtypes import backend_name
 from afm_mlx.kernels import dispatch
 from afm_mlx.kernels.reference import dequantize_codes, quantize_codes
 
 
-VARIANTS = ["default", "values-kv", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part",
+VARIANTS = ["default", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part",
             "adapter-gemv"]
 ADAPTER = "probe-random-adapter"
 
@@ -88,8 +86,6 @@ def patched(obj, name, value):
 @contextmanager
 def variant(name: str, model):
     with ExitStack() as stack:
-        if name == "values-kv":
-            stack.enter_context(patched(KV, "DEQUANTIZED_STORAGE_BACKENDS", (backend_name(),)))
         if name == "kv-kernel":
             stack.enter_context(patched(dispatch, "MODEL_BACKENDS", {**dispatch.MODEL_BACKENDS,
                                                                      "kv_attention": ("metal", "cuda")}))
@@ -97,10 +93,8 @@ def variant(name: str, model):
             kernels.set_enabled(False)
             stack.callback(kernels.set_enabled, True)
         if name == "plain-kv":
-            stack.enter_context(patched(KV, "int8_codes", quantize_codes))
+            stack.enter_context(patched(M, "int8_codes", quantize_codes))
             stack.enter_context(patched(KV, "dequantize_int8", dequantize_codes))
-            stack.enter_context(patched(KV, "fake_quantize_int8", lambda x, s: dequantize_codes(
-                quantize_codes(x, s), s, x.dtype)))
         if name.startswith("adapter"):
             adapters.set_active_adapter(model, ADAPTER)
             stack.callback(adapters.set_active_adapter, model, None)

@@ -2,7 +2,7 @@
 
 The 3B bench stopped in its first prefill with `cuGraphAddKernelNode(...) failed: invalid argument`
 (benchmarks/results/cuda-nvidia-h200/gpu_run.log); MLX reports such errors at mx.eval, not at the op. Here every
-module call and every model-level helper (rope, as_stored, attend, the K/V dequantisation) evaluates its inputs
+module call and every model-level helper (rope, int8_codes, attend, the K/V dequantisation) evaluates its inputs
 and its output at once, so the first failure names the function, its module path and the shapes it saw. Then it
 runs plain prefill at several lengths, and the mlx-lm afm7 mirror on the same weights.
 
@@ -44,7 +44,7 @@ def checked(name: str, fn):
 
 def instrument(model: nn.Module) -> int:
     """Wrap the model-level helpers and every linear / norm module; returns how many modules were wrapped."""
-    for module, name in ((M, "rope"), (M, "as_stored"), (M, "attend"), (KV, "dequantize_int8")):
+    for module, name in ((M, "rope"), (M, "int8_codes"), (M, "attend"), (KV, "dequantize_int8")):
         setattr(module, name, checked(name, getattr(module, name)))
     wrapped = 0
     for path, module in model.named_modules():
