@@ -131,10 +131,11 @@ RESULTS=$(mktemp -d)/results
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv
   $PY -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device(), mx.device_info())" || exit 5
   if stage kernels; then
-    echo "== CUDA kernels: tests vs the pure-MLX reference, then timings (limits ${KERNEL_TEST_LIMIT}s / ${KERNEL_BENCH_LIMIT}s)"
+    echo "== CUDA kernels: tests vs the float64 oracle, one process each (limit ${KERNEL_TEST_LIMIT}s)"
     run_kernel_tests_in_parallel
   fi
   if stage kernel-bench; then
+    echo "== CUDA kernels: timings against MLX's own ops (limit ${KERNEL_BENCH_LIMIT}s)"
     timeout "$KERNEL_BENCH_LIMIT" $PY benchmarks/kernels_bench.py --quick $KERNEL_BENCH_ARGS --out "$RESULTS/_machine_"
   fi
   if [ ! -f afm_mlx/demo_model/config.json ]; then
