@@ -136,7 +136,7 @@ def generate(
 
     The output follows the base model's distribution exactly with or without the draft (greedy: the same text).
     """
-    from .generation import run_generate
+    from .frontend import run_generate
 
     options = _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
                                   num_draft_tokens, adaptive_draft, stop, max_context)
@@ -173,7 +173,7 @@ def chat(
 ):
     """Multi-turn chat in the terminal, one message per line (/reset, /exit). The KV cache is kept across turns:
     each turn prefills only its own new tokens."""
-    from .generation import run_chat
+    from .frontend import run_chat
 
     options = _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
                                   num_draft_tokens, adaptive_draft, None, max_context)

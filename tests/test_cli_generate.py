@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 import afm_mlx.loading
 from afm_mlx.cli import app
 from afm_mlx.errors import AFMError
-from afm_mlx.generation import read_prompt
+from afm_mlx.frontend import read_prompt
 from afm_mlx.tokenizer import load_tokenizer
 from generation_fixtures import base_model, draft_model, noisy_copy
 from tokenizer_fixture import build_tiny_tokenizer
