@@ -24,8 +24,9 @@ import mlx.core as mx
 from .adapters import active_adapter, using_adapter
 from .cache import KVCache
 from .errors import AFMError
+from .guided import Guide, make_guide
 from .model import Model
-from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, sample_token
+from .sampling import RandomKeys, SamplingParams, mask_logits, next_token
 from .speculative import DraftLength, SpeculativeDecoder, rollback
 from .stats import GenerationStats, SpeculativeStats
 
@@ -36,6 +37,7 @@ DEFAULT_NUM_DRAFT_TOKENS = 4
 PREFILL_CHUNK_SIZE = 512
 
 Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
+GUIDED_OPTIONS = ("response_format", "schema", "regex", "grammar", "tools", "tool_choice")
 
 
 @dataclass
@@ -46,6 +48,20 @@ class GenerationResponse:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    guided: GuidedOutput | None = None  # the last response of a guided answer: what it means
+
+
+@dataclass
+class GuidedOutput:
+    """What a guided answer means (see afm_mlx.guided): `parsed` is the JSON value (a pydantic instance when a
+    model class was given; the text for regex= / grammar=), `tool_calls` the calls [{'name', 'arguments'}] of a
+    tools= answer (None: it answered in text), `content` the text before any call. `incomplete` says why there is
+    no parsed value when the token budget or the context ended the answer first (nothing is closed for it)."""
+
+    parsed: Any = None
+    tool_calls: list[dict] | None = None
+    content: str | None = None
+    incomplete: str | None = None
 
 
 @dataclass
@@ -53,10 +69,21 @@ class GenerationResult:
     text: str
     tokens: list[int]  # generated ids; a stop token that ended generation is the last one
     stats: GenerationStats
+    guided: GuidedOutput | None = None
 
     @property
     def finish_reason(self) -> str | None:
         return self.stats.finish_reason
+
+    parsed = property(lambda self: self.guided.parsed if self.guided else None)
+    tool_calls = property(lambda self: self.guided.tool_calls if self.guided else None)
+    incomplete = property(lambda self: self.guided.incomplete if self.guided else None)
+
+    def as_message(self) -> dict:
+        """The reply as a chat message, to continue the conversation (tool results follow as role 'tool')."""
+        if self.tool_calls is None:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": self.guided.content, "tool_calls": self.tool_calls}
 
 
 # ---- the prompt cache
@@ -132,11 +159,7 @@ def plain_decode(model: Model, cache: list[KVCache], history: list[int], params:
     def step(x: mx.array) -> mx.array:
         nonlocal recent
         logits = model(x, cache, num_logits=1)[:, -1]
-        if recent is not None:
-            logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
-        token, _ = sample_token(logits, params, None if params.greedy else keys.next())
-        if recent is not None:
-            recent = mx.concatenate([recent[:, 1:], token[:, None]], axis=1)
+        token, _, recent = next_token(logits, params, None if params.greedy else keys.next(), recent)
         return token
 
     y = step(mx.array([history[-1:]], dtype=mx.int32))
@@ -151,6 +174,30 @@ def plain_decode(model: Model, cache: list[KVCache], history: list[int], params:
         if n % 256 == 255:
             mx.clear_cache()
         y = next_y if n + 1 < limit else None
+
+
+def guided_decode(model: Model, cache: list[KVCache], history: list[int], params: SamplingParams,
+                  keys: RandomKeys, limit: int, constraint) -> Iterator[int]:
+    """plain_decode under a grammar (afm_mlx.guided): token n+1 is drawn from the masked logits, and its mask
+    needs token n, so the forward that scores position n+1 is queued first and the mask computed on the host
+    while the device runs it; the matcher consumes each token before it is handed out.
+    """
+    recent = _recent_window(history, params)
+    logits = model(mx.array([history[-1:]], dtype=mx.int32), cache, num_logits=1)[:, -1]
+    mx.async_eval(logits)
+    for n in range(limit):
+        allowed = mx.array(constraint.allowed())
+        y, _, recent = next_token(mask_logits(logits, allowed), params, None if params.greedy else keys.next(),
+                                  recent)
+        if n + 1 < limit:
+            logits = model(y[:, None], cache, num_logits=1)[:, -1]
+            mx.async_eval(logits)
+        token = y.item()
+        constraint.consume([token])
+        history.append(token)
+        yield token
+        if n % 256 == 255:
+            mx.clear_cache()
 
 
 def _recent_window(history: list[int], params: SamplingParams) -> mx.array | None:
@@ -244,6 +291,12 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     prefill_chunk_size: int = PREFILL_CHUNK_SIZE,
     adapter: str | None | object = KEEP_ADAPTER,
+    response_format: Mapping[str, Any] | None = None,
+    schema: Any = None,
+    regex: str | None = None,
+    grammar: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: Any = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` and yield GenerationResponse pieces as the text becomes final (never a broken
     UTF-8 character, never part of a stop string); the last response has `finish_reason` and `stats`.
@@ -260,6 +313,12 @@ def stream_generate(
     prompt_cache: reuse K/V across calls (see PromptCache); only the new part of the prompt is prefilled.
     adapter: the name of a loaded adapter (afm_mlx.adapters.load_adapter) to generate with, None for the bare
         base; by default whichever is active. The previously active one is restored afterwards.
+    Guided generation (afm_mlx.guided; at most one): response_format ({'type': 'json_schema', 'json_schema':
+        {'name', 'schema'}}, rendered into the prompt as the toolkit does) or schema (a JSON schema dict or a
+        pydantic model class, rendered the same way); regex; grammar (Lark); tools ([{'type': 'function',
+        'function': {'name', 'description', 'parameters'}}], rendered into the system turn) with tool_choice
+        ('auto' | 'required' | 'none' | {'function': {'name': ...}}). Every token is drawn from the masked
+        distribution, with and without a draft; the last response's `guided` says what the answer means.
     """
     with selected_adapter(model, adapter):
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, repetition_context_size, seed)
@@ -272,8 +331,11 @@ def stream_generate(
         if tokenizer.vocab_size > model.args.vocab_size:
             raise AFMError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{model.args.vocab_size}: they do not belong together")
-        ids = prompt_ids(tokenizer, prompt, system=system, raw=raw)
+        guide = make_guide(tokenizer, response_format=response_format, schema=schema, regex=regex, grammar=grammar,
+                           tools=tools, tool_choice=tool_choice)
+        ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, guide=guide)
         limit, limit_reason = _token_budget(len(ids), max_tokens, max_context)
+        constraint = guide.constraint(model.args.vocab_size) if guide is not None else None
 
         start = time.perf_counter()
         mx.reset_peak_memory()
@@ -286,20 +348,26 @@ def stream_generate(
         stats.prefill_s = time.perf_counter() - start
         history = list(ids)
         if draft is None:
-            tokens = plain_decode(model, cache.base, history, params, keys, limit)
+            tokens = (plain_decode(model, cache.base, history, params, keys, limit) if constraint is None else
+                      guided_decode(model, cache.base, history, params, keys, limit, constraint))
         else:
             stats.speculative = SpeculativeStats(num_draft_tokens)
             decoder = SpeculativeDecoder(model, draft, cache.base, cache.draft, params, keys, draft_length,
-                                         stats.speculative)
+                                         stats.speculative, constraint)
             tokens = speculative_decode(decoder, history, limit, tokenizer.stop_ids)
+        detokenizer = constraint.detokenizer() if constraint is not None else tokenizer.detokenizer()
+        text = []
         try:
-            yield from _responses(tokenizer, tokens, stops, stats, start, limit, limit_reason)
+            for response in _responses(tokenizer, detokenizer, tokens, stops, stats, start, limit, limit_reason):
+                text.append(response.text)
+                yield response
         finally:
             tokens.close()
             cache.sync(history)
         if draft is not None:
             stats.speculative.draft_s, stats.speculative.verify_s = decoder.timer.split(stats.decode_s)
-        yield GenerationResponse("", [], stats.finish_reason, stats)
+        guided = _interpret(guide, "".join(text), history[len(ids):], stats) if guide is not None else None
+        yield GenerationResponse("", [], stats.finish_reason, stats, guided)
 
 
 @contextmanager
@@ -312,10 +380,10 @@ def selected_adapter(model: Model, adapter) -> Iterator[None]:
             yield
 
 
-def _responses(tokenizer, tokens: Iterator[int], stops: StopStrings, stats: GenerationStats, start: float,
-               limit: int, limit_reason: str) -> Iterator[GenerationResponse]:
+def _responses(tokenizer, detokenizer, tokens: Iterator[int], stops: StopStrings, stats: GenerationStats,
+               start: float, limit: int, limit_reason: str) -> Iterator[GenerationResponse]:
     """Detokenize the token stream and apply the stop conditions; fills the decode stats at the end."""
-    detokenizer, stop_ids = tokenizer.detokenizer(), tokenizer.stop_ids
+    stop_ids = tokenizer.stop_ids
     finish, count = None, 0
     for token in tokens:
         count += 1
@@ -343,14 +411,33 @@ def _responses(tokenizer, tokens: Iterator[int], stops: StopStrings, stats: Gene
             yield GenerationResponse(tail, [])
 
 
+def _interpret(guide, text: str, generated: list[int], stats: GenerationStats) -> GuidedOutput:
+    """What a finished guided answer means; for one the budget cut short, why it has no meaning."""
+    if stats.finish_reason != "stop" or (generated and generated[-1] not in guide.table.tokenizer.stop_ids):
+        limit = "max_tokens" if stats.finish_reason == "length" else "max_context" if stats.finish_reason == "context" \
+            else "a stop string"
+        return GuidedOutput(incomplete=f"the answer is incomplete: {limit} ended it before the "
+                                       f"{_GUIDED_WHAT[guide.kind]} was complete")
+    if guide.kind != "tools":
+        return GuidedOutput(parsed=guide.parse(text, generated))
+    calls = guide.parse(text, generated)
+    content = text if calls is None else text[: text.find("<executable_start>")]
+    return GuidedOutput(tool_calls=calls, content=content)
+
+
+_GUIDED_WHAT = {"json": "JSON", "regex": "regex match", "grammar": "grammar's sentence", "tools": "tool call"}
+
+
 def generate(model: Model, tokenizer, prompt: Prompt, **options) -> GenerationResult:
-    """Generate and return the whole text; options as for stream_generate."""
-    pieces, tokens, stats = [], [], None
+    """Generate and return the whole text; options as for stream_generate. A guided answer's meaning is in
+    result.parsed / result.tool_calls (None, with result.incomplete saying why, when the budget cut it short)."""
+    pieces, tokens, stats, guided = [], [], None, None
     for response in stream_generate(model, tokenizer, prompt, **options):
         pieces.append(response.text)
         tokens += response.tokens
         stats = response.stats or stats
-    return GenerationResult("".join(pieces), tokens, stats)
+        guided = response.guided or guided
+    return GenerationResult("".join(pieces), tokens, stats, guided)
 
 
 def resolve_draft(model: Model, draft_model: Model | None | bool) -> Model | None:
@@ -365,8 +452,13 @@ def resolve_draft(model: Model, draft_model: Model | None | bool) -> Model | Non
     return draft
 
 
-def prompt_ids(tokenizer, prompt: Prompt, *, system: str | None = None, raw: bool = False) -> list[int]:
-    """Token ids of a prompt: a list of ints is taken as ids; anything else goes through the tokenizer."""
+def prompt_ids(tokenizer, prompt: Prompt, *, system: str | None = None, raw: bool = False,
+               guide=None) -> list[int]:
+    """Token ids of a prompt: a list of ints is taken as ids; anything else goes through the tokenizer.
+
+    A guide's response_format and tools are rendered into a templated prompt, as the toolkit trains on them; a
+    prompt given as ids or raw text is taken as it is (the constraint still applies).
+    """
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         if system is not None or raw:
             raise AFMError("a prompt given as token ids takes no system message and no raw flag")
@@ -374,7 +466,9 @@ def prompt_ids(tokenizer, prompt: Prompt, *, system: str | None = None, raw: boo
         if bad:
             raise AFMError(f"prompt token id {bad[0]} is outside the vocabulary of {tokenizer.vocab_size}")
         return list(prompt)
-    return tokenizer.encode_prompt(prompt, system=system, raw=raw)
+    if raw or guide is None:
+        return tokenizer.encode_prompt(prompt, system=system, raw=raw)
+    return tokenizer.encode_prompt(prompt, system=system, tools=guide.tools, response_format=guide.response_format)
 
 
 def _token_budget(prompt_tokens: int, max_tokens: int, max_context: int) -> tuple[int, str]:
@@ -393,10 +487,12 @@ def _check_positive_int(name: str, value) -> None:
 # ---- chat
 
 
-def user_turn_ids(tokenizer, message: str) -> list[int]:
-    """Ids of `<turn_start> user<n>{message}<turn_end><turn_start> assistant<n>`, as they follow a `<turn_end>`."""
+def user_turn_ids(tokenizer, message: str, response_format: Mapping[str, Any] | None = None) -> list[int]:
+    """Ids of `<turn_start> user<n>{message}<turn_end><turn_start> assistant<n>`, as they follow a `<turn_end>`
+    (with a response_format rendered into the message as the template does)."""
     opening = tokenizer.apply_chat_template([{"role": "system", "content": ""}], add_generation_prompt=False)
-    full = tokenizer.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": message}])
+    full = tokenizer.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": message}],
+                                         response_format=response_format)
     return tokenizer.encode(full[len(opening):], dummy_prefix=False)
 
 
@@ -404,13 +500,17 @@ class ChatSession:
     """A multi-turn conversation that keeps its KV caches: each turn prefills only its own new tokens.
 
     The conversation is kept as ids (the reply exactly as generated, closed with `<turn_end>`), so the cache
-    always holds a prefix of the next prompt. Options as for stream_generate (temperature, max_tokens, ...).
+    always holds a prefix of the next prompt. Options as for stream_generate (temperature, max_tokens, ...); a
+    guided option (schema=, tools=, ...) applies to every reply, its response_format / tools rendered as
+    stream_generate renders them.
     """
 
     def __init__(self, model: Model, tokenizer, *, system: str | None = None, draft_model=None, **options):
         self.model, self.tokenizer, self.system = model, tokenizer, system
         draft = resolve_draft(model, draft_model)
         self.options = dict(options, draft_model=draft if draft is not None else False)
+        guided = {name: options[name] for name in GUIDED_OPTIONS if name in options}
+        self.guide = make_guide(tokenizer, **guided)
         self.cache = PromptCache(model, draft)
         self.history: list[int] = []
 
@@ -418,10 +518,12 @@ class ChatSession:
         """Stream the assistant's reply to one user message."""
         if not isinstance(message, str) or not message.strip():
             raise AFMError("the message is empty")
+        rendered = self.guide or Guide(kind="", grammar="", table=None)
         if self.history:
-            ids = self.history + user_turn_ids(self.tokenizer, message)
+            ids = self.history + user_turn_ids(self.tokenizer, message, rendered.response_format)
         else:
-            ids = self.tokenizer.encode_prompt(message, system=self.system)
+            ids = self.tokenizer.encode_prompt(message, system=self.system, tools=rendered.tools,
+                                               response_format=rendered.response_format)
         reply: list[int] | None = None  # None until generation started (a refused prompt changes nothing)
         try:
             for response in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,

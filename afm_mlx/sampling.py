@@ -136,6 +136,12 @@ def _top_p(x: mx.array, top_p: float) -> mx.array:
     return mx.where(probs < smallest_kept, -mx.inf, x)
 
 
+def mask_logits(logits: mx.array, allowed: mx.array | None) -> mx.array:
+    """-inf outside `allowed` (bool, broadcastable to logits [..., V]; None: no mask). A guided answer's grammar
+    mask goes on first, before the repetition penalty and every filter, so they act on the allowed tokens only."""
+    return logits if allowed is None else mx.where(allowed, logits, -mx.inf)
+
+
 # ---- drawing
 
 
@@ -153,6 +159,18 @@ def sample_token(logits: mx.array, params: SamplingParams, key: mx.array | None 
     x = filtered_logits(logits, params)
     token = _categorical(x, key) if key is not None else mx.random.categorical(x, axis=-1).astype(mx.int32)
     return token, mx.softmax(x, axis=-1, precise=True)
+
+
+def next_token(logits: mx.array, params: SamplingParams, key: mx.array | None,
+               recent: mx.array | None) -> tuple[mx.array, mx.array, mx.array | None]:
+    """One step's draw from logits [B, V] with the repetition penalty over `recent` [B, C] (None: none):
+    (token [B], its filtered distribution [B, V] (lazy, free when unused), the window moved past the token)."""
+    if recent is not None:
+        logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
+    token, q = sample_token(logits, params, key)
+    if recent is not None:
+        recent = mx.concatenate([recent[:, 1:], token[:, None]], axis=1)
+    return token, q, recent
 
 
 @mx.compile

@@ -27,11 +27,13 @@ from __future__ import annotations
 import time
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import KVCache
 from .errors import AFMError
 from .model import Model
-from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, filtered_probs, sample, sample_token
+from .sampling import (RandomKeys, SamplingParams, apply_repetition_penalty, filtered_probs, mask_logits,
+                       next_token, sample)
 
 
 # ---- one round: propose, verify, accept
@@ -46,28 +48,50 @@ def propose(draft: Model, cache: list[KVCache], pending: mx.array, k: int, param
     """
     tokens, dists, x = [], [], pending
     for i in range(k):
-        logits = draft(x, cache, num_logits=1)[:, -1]
-        if recent is not None:
-            logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
-        token, q = sample_token(logits, params, keys[i])
+        token, q, recent = next_token(draft(x, cache, num_logits=1)[:, -1], params, keys[i], recent)
         mx.async_eval(token if params.greedy else (token, q))  # the device starts while the next step is built
         tokens.append(token)
         dists.append(q)
         x = token[:, None]
-        if recent is not None:
-            recent = mx.concatenate([recent[:, 1:], x], axis=1)
     return mx.stack(tokens, axis=1), mx.stack(dists, axis=1)
 
 
+def propose_guided(draft: Model, cache: list[KVCache], pending: mx.array, k: int, params: SamplingParams,
+                   keys: mx.array, constraint, recent: mx.array | None = None):
+    """propose() under a grammar: each draft token is drawn from the draft's *masked* distribution and read on
+    the host to advance the matcher (one sync per draft step; the next draft forward is queued first, so the next
+    mask is computed while it runs).
+
+    Returns (drafts [B, k], q [B, k, V], allowed [B, k+1, V]): the masks of the k + 1 positions the base
+    verifies -- the k the draft was masked with and the one after d_k. The constraint ends holding d_1..d_k.
+    """
+    tokens, dists, masks = [], [], []
+    logits = draft(pending, cache, num_logits=1)[:, -1]
+    for i in range(k):
+        masks.append(mx.array(constraint.allowed()))  # host work, while the draft forward runs
+        token, q, recent = next_token(mask_logits(logits, masks[-1]), params, keys[i], recent)
+        if i + 1 < k:
+            logits = draft(token[:, None], cache, num_logits=1)[:, -1]
+            mx.async_eval(logits)
+        constraint.consume(np.array(token))
+        tokens.append(token)
+        dists.append(q)
+    masks.append(mx.array(constraint.allowed()))
+    return mx.stack(tokens, axis=1), mx.stack(dists, axis=1), mx.stack(masks, axis=1)
+
+
 def verify(model: Model, cache: list[KVCache], last: mx.array, drafts: mx.array, q: mx.array,
-           params: SamplingParams, keys: mx.array, recent: mx.array | None = None) -> tuple[mx.array, mx.array]:
+           params: SamplingParams, keys: mx.array, recent: mx.array | None = None,
+           allowed: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Score [last, drafts] in one base forward and apply the acceptance rule (lazy).
 
     last [B, 1]: the newest token y; drafts [B, k]; q [B, k, V]; keys [2, 2] (uniforms, corrections).
+    allowed [B, k+1, V]: a grammar's masks for the k + 1 scored positions (None: unguided); p is then the masked
+    base distribution, as q is the masked draft's, so the output follows the masked base exactly.
     Returns (num_accepted [B] int32, tokens [B, k+1]): a row emits tokens[:num_accepted + 1].
     """
     k = drafts.shape[1]
-    logits = model(mx.concatenate([last, drafts], axis=1), cache, num_logits=k + 1)
+    logits = mask_logits(model(mx.concatenate([last, drafts], axis=1), cache, num_logits=k + 1), allowed)
     if recent is not None:
         windows = penalty_windows(mx.concatenate([recent, drafts], axis=1), k + 1, recent.shape[1])
         logits = apply_repetition_penalty(logits, windows, params.repetition_penalty)
@@ -201,9 +225,10 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, model: Model, draft: Model, base_cache: list[KVCache], draft_cache: list[KVCache],
-                 params: SamplingParams, keys: RandomKeys, draft_length: DraftLength, stats):
+                 params: SamplingParams, keys: RandomKeys, draft_length: DraftLength, stats, constraint=None):
         self.model, self.draft, self.base_cache, self.draft_cache = model, draft, base_cache, draft_cache
         self.params, self.keys, self.draft_length, self.stats = params, keys, draft_length, stats
+        self.constraint = constraint  # a guided answer's matcher (afm_mlx.guided), in step with `history`
         self.timer = RoundTimer()
         self.rounds = 0
 
@@ -215,11 +240,16 @@ class SpeculativeDecoder:
         recent = self._recent(history)
         pending = mx.array([history[self.draft_cache[0].offset:]], dtype=mx.int32)
         t0 = time.perf_counter()
-        drafts, q = propose(self.draft, self.draft_cache, pending, k, self.params, keys[:k], recent)
+        allowed = None
+        if self.constraint is None:
+            drafts, q = propose(self.draft, self.draft_cache, pending, k, self.params, keys[:k], recent)
+        else:
+            drafts, q, allowed = propose_guided(self.draft, self.draft_cache, pending, k, self.params, keys[:k],
+                                                self.constraint, recent)
         if timed:
             mx.eval(drafts, q)
             t1 = time.perf_counter()
-        out = verify(self.model, self.base_cache, pending[:, -1:], drafts, q, self.params, keys[k:], recent)
+        out = verify(self.model, self.base_cache, pending[:, -1:], drafts, q, self.params, keys[k:], recent, allowed)
         if timed:
             mx.eval(out)
             self.timer.record(t1 - t0, time.perf_counter() - t1, k)
@@ -235,6 +265,9 @@ class SpeculativeDecoder:
         keep = len(history) + n  # the new history minus its newest token
         rollback(self.base_cache, keep)
         rollback(self.draft_cache, keep)
+        if self.constraint is not None:  # it holds d_1..d_k: keep the accepted ones, then the correction / bonus
+            self.constraint.rollback(k - n)
+            self.constraint.consume(emitted[-1:])
         self.rounds += 1
         if self.rounds % 64 == 0:
             mx.clear_cache()
