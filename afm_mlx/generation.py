@@ -37,7 +37,7 @@ DEFAULT_NUM_DRAFT_TOKENS = 4
 PREFILL_CHUNK_SIZE = 512
 
 Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
-GUIDED_OPTIONS = ("response_format", "schema", "regex", "grammar", "tools", "tool_choice")
+GUIDED_OPTIONS = ("response_format", "schema", "regex", "grammar", "tools", "tool_choice", "parallel_tool_calls")
 
 
 @dataclass
@@ -297,6 +297,7 @@ def stream_generate(
     grammar: str | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
     tool_choice: Any = None,
+    parallel_tool_calls: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` and yield GenerationResponse pieces as the text becomes final (never a broken
     UTF-8 character, never part of a stop string); the last response has `finish_reason` and `stats`.
@@ -317,7 +318,8 @@ def stream_generate(
         {'name', 'schema'}}, rendered into the prompt as the toolkit does) or schema (a JSON schema dict or a
         pydantic model class, rendered the same way); regex; grammar (Lark); tools ([{'type': 'function',
         'function': {'name', 'description', 'parameters'}}], rendered into the system turn) with tool_choice
-        ('auto' | 'required' | 'none' | {'function': {'name': ...}}). Every token is drawn from the masked
+        ('auto' | 'required' | 'none' | {'function': {'name': ...}}; parallel_tool_calls=False: at most one call
+        per reply). Every token is drawn from the masked
         distribution, with and without a draft; the last response's `guided` says what the answer means.
     """
     with selected_adapter(model, adapter):
@@ -332,7 +334,7 @@ def stream_generate(
             raise AFMError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{model.args.vocab_size}: they do not belong together")
         guide = make_guide(tokenizer, response_format=response_format, schema=schema, regex=regex, grammar=grammar,
-                           tools=tools, tool_choice=tool_choice)
+                           tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
         ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, guide=guide)
         limit, limit_reason = _token_budget(len(ids), max_tokens, max_context)
         constraint = guide.constraint(model.args.vocab_size) if guide is not None else None

@@ -148,8 +148,10 @@ class Guide:
 
 
 def make_guide(tokenizer, *, response_format: Mapping | None = None, schema: Any = None, regex: str | None = None,
-               grammar: str | None = None, tools: Sequence | None = None, tool_choice: Any = None) -> Guide | None:
+               grammar: str | None = None, tools: Sequence | None = None, tool_choice: Any = None,
+               parallel_tool_calls: bool = True) -> Guide | None:
     """The Guide for at most one of response_format / schema / regex / grammar / tools; None when none is given.
+    parallel_tool_calls=False allows one call per reply (OpenAI's option of that name).
 
     AFMError (one line, naming the problem) for an invalid or unsupported schema, regex or grammar, a malformed
     tool, or a tool_choice without tools.
@@ -158,8 +160,10 @@ def make_guide(tokenizer, *, response_format: Mapping | None = None, schema: Any
                                       ("grammar", grammar), ("tools", tools)) if value is not None]
     if len(given) > 1:
         raise AFMError(f"pass only one of {', '.join(given)}: one constraint per answer")
-    if tool_choice is not None and tools is None:
-        raise AFMError("tool_choice needs tools")
+    if (tool_choice is not None or parallel_tool_calls is not True) and tools is None:
+        raise AFMError("tool_choice and parallel_tool_calls need tools")
+    if not isinstance(parallel_tool_calls, bool):
+        raise AFMError(f"parallel_tool_calls must be true or false, got {_short(parallel_tool_calls)}")
     if not given:
         return None
     table = token_table(tokenizer)
@@ -170,7 +174,7 @@ def make_guide(tokenizer, *, response_format: Mapping | None = None, schema: Any
     elif grammar is not None:
         guide = Guide("grammar", _lark_grammar(grammar), table)
     else:
-        guide = _tools_guide(table, tools, tool_choice)
+        guide = _tools_guide(table, tools, tool_choice, parallel_tool_calls)
     _validate(guide)
     return guide
 
@@ -255,7 +259,7 @@ _WHAT = {"json": "JSON schema", "regex": "regex", "grammar": "Lark grammar", "to
 # ---- tool calls
 
 
-def _tools_guide(table: TokenTable, tools: Any, tool_choice: Any) -> Guide:
+def _tools_guide(table: TokenTable, tools: Any, tool_choice: Any, parallel: bool) -> Guide:
     """`<executable_start> ```function\\n[{"name": ..., "arguments": {...}}]```<executable_end>` with the JSON
     constrained to the tools' parameter schemas; `auto` lets the model answer in text instead (or first)."""
     functions = [_function_of(tool) for tool in _tool_list(tools)]
@@ -272,7 +276,7 @@ def _tools_guide(table: TokenTable, tools: Any, tool_choice: Any) -> Guide:
     import llguidance
 
     calls = {"type": "array", "minItems": 1, "items": {"anyOf": [_call_schema(f) for f in functions]},
-             "x-guidance": JSON_OPTIONS}
+             "x-guidance": JSON_OPTIONS, **({} if parallel else {"maxItems": 1})}
     block = f'<executable_start> {json.dumps(TOOL_BLOCK_OPEN)} %json {json.dumps(calls)} ' \
             f'{json.dumps(TOOL_BLOCK_CLOSE)} <executable_end>'
     body = {"auto": "TEXT | TEXT? block", "required": "block", "none": "TEXT"}[choice]
