@@ -350,14 +350,25 @@ def is_fmadapter(path: Path) -> bool:
     return path.is_dir() and ((path / FMADAPTER_WEIGHTS).exists() or (path / FMADAPTER_METADATA).exists())
 
 
+_MAX_JSON_BYTES = 1 << 20  # an adapter's metadata.json / adapter_config.json is well under a kilobyte
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file from an untrusted adapter: size-capped, and deep nesting (json recurses) is an error."""
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise AFMError(f"{path}: {path.stat().st_size} bytes, more than an adapter's JSON ever needs "
+                       f"({_MAX_JSON_BYTES}); not an adapter file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AFMError(f"{path}: invalid JSON ({' '.join(str(err).split())[:120]})") from None
+
+
 def read_fmadapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = Path(path) / FMADAPTER_METADATA
     if not meta_file.is_file():
         raise AFMError(f"{path}: not a .fmadapter package: {FMADAPTER_METADATA} is missing")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AFMError(f"{meta_file}: invalid JSON ({err})") from None
+    meta = _read_json(meta_file)
     if not isinstance(meta, dict) or not isinstance(meta.get("loraRank"), int) or meta["loraRank"] <= 0:
         raise AFMError(f"{meta_file}: needs a positive integer `loraRank`")
     if not isinstance(meta.get("baseModelSignature"), str):
@@ -523,10 +534,9 @@ def _read_mlx_config(path: Path) -> dict:
     config_file = path / MLX_CONFIG
     if not config_file.is_file() or not (path / MLX_WEIGHTS).is_file():
         raise AFMError(f"{path}: not an mlx-lm adapter directory ({MLX_WEIGHTS} and {MLX_CONFIG} needed)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise AFMError(f"{config_file}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    config = _read_json(config_file)
+    if not isinstance(config, dict):
+        raise AFMError(f"{config_file}: not a JSON object")
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
         raise AFMError(f"{config_file}: fine_tune_type {kind!r}; only LoRA adapters are supported")
