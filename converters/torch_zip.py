@@ -32,6 +32,7 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -176,6 +177,43 @@ class _Inert:
 
 _CODECS_ENCODE = _Inert(_encode_latin1)
 
+# Dict keys and set items must hash unpredictably (str, bytes: seeded per process) or uniquely (small ints):
+# ints k * (2**61 - 1) all hash to 0, and 20,000 of them (a 200 KB file) take 6 s to put in a dict, quadratically
+# more beyond. Torch's pickles only ever key by strings (an optimizer state by small ints).
+_HASH_MODULUS = sys.hash_info.modulus
+
+
+def _check_hashable(value: Any) -> None:
+    if type(value) in (str, bytes, bool, type(None)):
+        return
+    if type(value) is int and -_HASH_MODULUS < value < _HASH_MODULUS:
+        return
+    raise pickle.UnpicklingError(f"a {type(value).__name__} as a dict key or set item")
+
+
+def _hash_checked(loader: Callable[[Any], None], step: int) -> Callable[[Any], None]:
+    """An opcode loader whose items since the last MARK (every `step`-th: the keys) are checked first."""
+    def load(unpickler: Any) -> None:
+        for item in unpickler.stack[::step]:
+            _check_hashable(item)
+        loader(unpickler)
+    return load
+
+
+def _checked_new(kind: type) -> Callable[..., Any]:
+    """dict / set / frozenset / OrderedDict as REDUCE calls them: `kind()` or `kind(list)`, items checked."""
+    def new(*args: Any) -> Any:
+        if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
+            raise pickle.UnpicklingError(f"{kind.__name__} called with {len(args)} arguments")
+        items = args[0] if args else ()
+        for item in items:
+            _check_hashable(item[0] if kind in (dict, collections.OrderedDict) and type(item) is tuple else item)
+        return kind(*args)
+    return new
+
+
+_ORDERED_DICT = _Inert(_checked_new(collections.OrderedDict))
+
 
 class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that resolves only allow-listed globals, each to an inert stand-in; never imports anything.
@@ -186,7 +224,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
     never on a stand-in, whose state would then change for the whole process.
     """
 
-    _BUILTIN_TYPES = {"dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+    _BUILTIN_TYPES = {"dict": _Inert(_checked_new(dict)), "list": list, "tuple": tuple,
+                      "set": _Inert(_checked_new(set)), "frozenset": _Inert(_checked_new(frozenset))}
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: io.BytesIO, source_name: str):
@@ -200,6 +239,16 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    def load_setitem(self) -> None:
+        _check_hashable(self.stack[-2])
+        super().load_setitem()
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.DICT[0]] = _hash_checked(pickle._Unpickler.load_dict, 2)
+    dispatch[pickle.SETITEMS[0]] = _hash_checked(pickle._Unpickler.load_setitems, 2)
+    dispatch[pickle.ADDITEMS[0]] = _hash_checked(pickle._Unpickler.load_additems, 1)
+    dispatch[pickle.FROZENSET[0]] = _hash_checked(pickle._Unpickler.load_frozenset, 1)
+
     def find_class(self, module: str, name: str) -> Any:
         # protocol 2 spells some names the Python 2 way (__builtin__.eval, commands.call): use Python 3's names
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
@@ -212,7 +261,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def _allowed(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
+            return _ORDERED_DICT
         if module == "builtins" and name in self._BUILTIN_TYPES:
             return self._BUILTIN_TYPES[name]
         if (module, name) == ("_codecs", "encode"):

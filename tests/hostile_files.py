@@ -85,6 +85,13 @@ def write_memo_index(path: Path) -> Path:
     return checkpoint_zip(path, _base_records(b"\x80\x02N" + b"r" + struct.pack("<I", 1 << 28) + b"."))
 
 
+def write_colliding_keys(path: Path, count: int = 40_000) -> Path:
+    """A dict keyed by `count` ints k * (2**61 - 1), which all hash to 0: building it is quadratic (40,000 keys,
+    520 KB: about 25 s)."""
+    keys = b"".join(tz._p_int(k * ((1 << 61) - 1)) + b"N" for k in range(1, count + 1))
+    return checkpoint_zip(path, _base_records(b"\x80\x02}(" + keys + b"u."))
+
+
 def write_deflated_pickle(path: Path, size: int = 128 << 20) -> Path:
     """data.pkl deflated: 128 MB of zeros in a ~130 KB file (written in chunks: the test never holds it)."""
     checkpoint_zip(path, _base_records(b""))
@@ -150,6 +157,7 @@ HOSTILE = {  # name -> (reader kind, writer, file name)
     "stride0_100gb": ("pt", write_stride0_2d, "stride0_2d.pt"),
     "many_views": ("pt", write_many_views, "views.pt"),
     "memo_index": ("pt", write_memo_index, "memo.pt"),
+    "colliding_keys": ("pt", write_colliding_keys, "keys.pt"),
     "deflated_pickle": ("pt", write_deflated_pickle, "bomb.pt"),
     "overlapping_entries": ("pt", write_overlapping_entries, "overlap.pt"),
     "stride0_adapter": ("adapter", write_stride0, "adapter-final.pt"),
