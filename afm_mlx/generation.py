@@ -274,6 +274,8 @@ def stream_generate(
                            f"{model.args.vocab_size}: they do not belong together")
         ids = prompt_ids(tokenizer, prompt, system=system, raw=raw)
         limit, limit_reason = _token_budget(len(ids), max_tokens, max_context)
+        if draft is not None:  # proposals past the token budget would only be thrown away
+            draft_length = DraftLength(min(num_draft_tokens, limit), adaptive_draft)
 
         start = time.perf_counter()
         mx.reset_peak_memory()
