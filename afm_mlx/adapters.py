@@ -342,7 +342,7 @@ def export_adapter(source: str | os.PathLike, out_dir: str | os.PathLike, name: 
     fmadapter -> OUT/NAME.fmadapter (metadata keywords as in `write_fmadapter`); mlx-lm -> OUT/NAME/; pt -> OUT/NAME.pt.
     """
     from .converters.adapter_formats import write_mlx_adapter, write_toolkit_adapter
-    from .converters.output import check_name, exit_on_signals, made_parents
+    from .converters.output import check_name, exit_on_signals, made_parents, remove_stale
     from .model import ModelArgs
     from .presets import BASE_3B
 
@@ -363,6 +363,7 @@ def export_adapter(source: str | os.PathLike, out_dir: str | os.PathLike, name: 
         raise AFMError(f"{target} exists (pass overwrite=True / --overwrite to replace it)")
     if to == "pt":
         with exit_on_signals(), made_parents(Path(out_dir)):  # save_checkpoint removes its own temporary file
+            remove_stale(target, ("tmp",))  # ... unless it was killed: .NAME.pt.tmp-PID
             write_toolkit_adapter(adapter, target)
         return target
     return write_mlx_adapter(adapter, target, args, overwrite=overwrite)

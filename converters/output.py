@@ -135,20 +135,27 @@ class _Signalled(SystemExit):
 def exit_on_signals() -> Iterator[None]:
     """While the body runs, SIGTERM and SIGHUP raise SystemExit (so `except BaseException` cleanups and `finally`
     blocks run) where they would kill the process outright. Handlers someone else installed stay; only the main
-    thread can take signals."""
+    thread can take signals. The signal wins over whatever exception it turned into on the way out (raised
+    inside an import, it surfaces as ImportError)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise _Signalled(128 + signum)
+
     previous = {}
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
-            previous[signum] = signal.signal(signum, _raise_exit)
+            previous[signum] = signal.signal(signum, handler)
     try:
         yield
+    except BaseException as err:
+        if received and not isinstance(err, _Signalled):
+            raise _Signalled(128 + received[0]) from None
+        raise
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _raise_exit(signum: int, frame: object) -> None:
-    raise _Signalled(128 + signum)
+        for signum, old in previous.items():
+            signal.signal(signum, old)

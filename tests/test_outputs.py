@@ -103,6 +103,12 @@ def test_overwrite_replaces_a_whole_mlx_lm_dir(adapter_pt, tmp_path):
     assert entries(tmp_path) == ["a"]
 
 
+def test_pt_export_removes_a_killed_exports_temporary_file(adapter_pt, tmp_path):
+    (tmp_path / f".a.pt.tmp-{_dead_pid()}").write_bytes(b"partial")
+    export_adapter(adapter_pt, tmp_path, "a", model=adapter_pt.parent / "model", to="pt")
+    assert entries(tmp_path) == ["a.pt"]
+
+
 # ---- convert: failures, concurrent runs, leftovers
 
 
