@@ -188,7 +188,7 @@ def _check_hashable(value: Any) -> None:
         return
     if type(value) is int and -_HASH_MODULUS < value < _HASH_MODULUS:
         return
-    raise pickle.UnpicklingError(f"a {type(value).__name__} as a dict key or set item")
+    raise pickle.UnpicklingError(f"{type(value).__name__} {_describe(value)} as a dict key or set item")
 
 
 def _hash_checked(loader: Callable[[Any], None], step: int) -> Callable[[Any], None]:

@@ -154,7 +154,7 @@ HOSTILE = {  # name -> (reader kind, writer, file name)
     "shared_dict": ("pt", write_shared_dict, "shared.pt"),
     "long_names": ("pt", write_long_names, "names.pt"),
     "stride0_4gb": ("pt", write_stride0, "stride0.pt"),
-    "stride0_100gb": ("pt", write_stride0_2d, "stride0_2d.pt"),
+    "stride0_128gb": ("pt", write_stride0_2d, "stride0_2d.pt"),
     "many_views": ("pt", write_many_views, "views.pt"),
     "memo_index": ("pt", write_memo_index, "memo.pt"),
     "colliding_keys": ("pt", write_colliding_keys, "keys.pt"),
