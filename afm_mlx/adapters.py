@@ -364,6 +364,6 @@ def export_adapter(source: str | os.PathLike, out_dir: str | os.PathLike, name: 
     if to == "pt":
         with exit_on_signals(), made_parents(Path(out_dir)):  # save_checkpoint removes its own temporary file
             remove_stale(target, ("tmp",))  # ... unless it was killed: .NAME.pt.tmp-PID
-            write_toolkit_adapter(adapter, target)
+            write_toolkit_adapter(adapter, target, overwrite=overwrite)
         return target
     return write_mlx_adapter(adapter, target, args, overwrite=overwrite)

@@ -256,11 +256,14 @@ def _warn_if_untrained(adapter: AdapterWeights) -> None:
                       "base_adapter?)", stacklevel=3)
 
 
-def write_toolkit_adapter(adapter: AdapterWeights, path: str | os.PathLike, *, bf16: bool = False) -> None:
-    """Write a toolkit-style checkpoint (scale folded to the toolkit's 0.5), atomically, in state-dict order."""
+def write_toolkit_adapter(adapter: AdapterWeights, path: str | os.PathLike, *, bf16: bool = False,
+                          overwrite: bool = True) -> None:
+    """Write a toolkit-style checkpoint (scale folded to the toolkit's 0.5), atomically, in state-dict order;
+    overwrite=False: an existing file is an AFMError."""
     tensors = adapter.scaled_to(TOOLKIT_SCALE)
     order = sorted(tensors, key=_state_dict_order)
-    save_checkpoint(path, ((name_to_toolkit_key(n), BF16(tensors[n]) if bf16 else tensors[n]) for n in order))
+    save_checkpoint(path, ((name_to_toolkit_key(n), BF16(tensors[n]) if bf16 else tensors[n]) for n in order),
+                    replace=overwrite)
 
 
 def _state_dict_order(name: str) -> tuple:

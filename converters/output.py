@@ -6,8 +6,8 @@ A writer stages its output in a hidden sibling (`staging`), then `publish`es it 
 - `exit_on_signals`: SIGTERM / SIGHUP raise SystemExit like SIGINT raises KeyboardInterrupt, so the writer's
   cleanup runs (SIGKILL cannot be caught: there `remove_stale` does it on the next run);
 - `remove_stale`: staging siblings whose process is provably gone (same host, no such pid) are removed;
-- `publish(replace=False)` claims the name atomically at the last moment, so of two concurrent runs to one
-  output, one wins and the other fails cleanly instead of both succeeding with the last one winning.
+- `publish(replace=False)` (a folder) and `publish_file` claim the name atomically at the last moment, so of two
+  concurrent runs to one output, one wins and the other fails cleanly instead of the last one silently winning.
 """
 
 from __future__ import annotations
@@ -68,8 +68,19 @@ def made_parents(folder: Path) -> Iterator[None]:
 
 def staging(target: Path, tag: str) -> Path:
     """A new hidden folder next to `target`, named `.NAME.TAG-PID@HOST-RANDOM` so `remove_stale` can tell
-    whether its writer is still alive."""
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-{os.getpid()}@{_HOST}-", dir=target.parent))
+    whether its writer is still alive (RANDOM: two writers in one process never share it)."""
+    return Path(tempfile.mkdtemp(prefix=_staging_prefix(target, tag), dir=target.parent))
+
+
+def staging_file(target: Path, tag: str) -> Path:
+    """A new empty hidden file next to `target`, named as `staging` names folders."""
+    handle, name = tempfile.mkstemp(prefix=_staging_prefix(target, tag), dir=target.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _staging_prefix(target: Path, tag: str) -> str:
+    return f".{target.name}.{tag}-{os.getpid()}@{_HOST}-"
 
 
 def remove_stale(target: Path, tags: tuple[str, ...]) -> None:
@@ -110,8 +121,7 @@ def publish(staged: Path, target: Path, replace: bool) -> None:
         try:
             target.mkdir()
         except FileExistsError:
-            raise AFMError(f"{target} already exists (another run wrote it first?); pass --force / --overwrite "
-                           "to replace it") from None
+            raise _exists(target) from None
         try:
             os.replace(staged, target)
         except BaseException:
@@ -125,6 +135,28 @@ def publish(staged: Path, target: Path, replace: bool) -> None:
     os.replace(staged, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_file(staged: Path, target: Path) -> None:
+    """Move the finished file `staged` to `target` unless `target` exists, atomically: a hard link never replaces
+    (where the file system has none, the name is claimed with O_EXCL and the file renamed over the claim)."""
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        raise _exists(target) from None
+    except OSError:
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise _exists(target) from None
+        os.replace(staged, target)
+        return
+    os.unlink(staged)
+
+
+def _exists(target: Path) -> AFMError:
+    return AFMError(f"{target} already exists (another run wrote it first?); pass --force / --overwrite to "
+                    "replace it")
 
 
 class _Signalled(SystemExit):

@@ -43,6 +43,8 @@ import numpy as np
 
 from afm_mlx.errors import AFMError
 
+from .output import publish_file, staging_file
+
 __all__ = ["BF16", "Checkpoint", "LazyTensor", "bf16_bits_to_float32", "float32_to_bf16_bits", "open_checkpoint",
            "save_checkpoint"]
 
@@ -735,32 +737,37 @@ class _Entry(NamedTuple):
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: Iterable[tuple[str, TensorSource]], *,
-                    tie: Mapping[str, str] | None = None) -> None:
+                    tie: Mapping[str, str] | None = None, replace: bool = True) -> None:
     """Write a PyTorch zip checkpoint (an OrderedDict of tensors, as torch.save writes it) one tensor at a time.
 
     `tensors` yields (name, value); a value is a NumPy array, `BF16(...)`, a `LazyTensor` (bf16 copied bit-exact),
     or a zero-argument callable returning one of those (called only when that tensor is written, so peak memory
     is one tensor). `tie={"output_transform.weight": "embedding.weight"}` stores the first key as a view of the
     second key's storage, as torch does for tied weights; a tied key's value in `tensors` is never read (it may
-    be None) and only fixes its position, else the tied key is appended at the end.
+    be None) and only fixes its position, else the tied key is appended at the end. replace=False: an existing
+    `path` (even one that appeared while writing) is an AFMError, never overwritten.
     """
     path = Path(path)
     tie = dict(tie or {})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _create(path)
     try:
-        with _create(tmp, path) as file:
+        with open(tmp, "wb") as file:
             _write_archive(file, path.stem or "archive", tensors, tie)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            publish_file(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _create(tmp: Path, final: Path):
+def _create(final: Path) -> Path:
+    """The temporary sibling `final` is written to (unique: concurrent writers never share one)."""
     try:
-        return open(tmp, "wb")
+        return staging_file(final, "tmp")
     except OSError as err:  # missing folder, no permission: a user mistake, not a bug
         raise AFMError(f"cannot write {final}: {err.strerror}") from None
 

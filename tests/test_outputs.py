@@ -139,6 +139,23 @@ def test_concurrent_converts_to_one_out_the_second_fails_cleanly(toolkit, tmp_pa
     assert entries(tmp_path) == ["out"]  # no staging folder of either run
 
 
+def test_concurrent_pt_exports_the_second_fails_cleanly(adapter_pt, tmp_path, monkeypatch):
+    from afm_mlx.converters import torch_zip
+
+    model, real, other_runs = adapter_pt.parent / "model", torch_zip._write_archive, []
+
+    def racing(*args):
+        real(*args)
+        if not other_runs:  # the other run starts after this one's existence check and finishes first
+            other_runs.append("started")
+            other_runs.append(export_adapter(adapter_pt, tmp_path, "a", model=model, to="pt"))
+
+    monkeypatch.setattr(torch_zip, "_write_archive", racing)
+    with pytest.raises(AFMError, match="already exists"):
+        export_adapter(adapter_pt, tmp_path, "a", model=model, to="pt")
+    assert entries(tmp_path) == ["a.pt"] and (tmp_path / "a.pt").stat().st_size > 0
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
