@@ -95,6 +95,7 @@ _MAX_NESTING = 16
 # Limits on what a (possibly hostile) file can make the reader allocate. Real files are far inside them: the 3B
 # base's data.pkl is about 0.3 MB, its names about 100 characters.
 _MAX_PICKLE_BYTES = 32 << 20  # data.pkl
+_MAX_PICKLE_OPS = 1 << 19  # its opcodes: torch writes ~32 per tensor (3B base + LoRA: ~61,000)
 _MAX_SMALL_RECORD = 4096  # version, byteorder
 _MAX_NAMES_FACTOR = 2  # flattened names may total at most 2x data.pkl's size (+ 64 KiB): nesting repeats prefixes
 _MAX_NDIM = 32
@@ -217,6 +218,17 @@ def _checked_new(kind: type) -> Callable[..., Any]:
 _ORDERED_DICT = _Inert(_checked_new(collections.OrderedDict))
 
 
+def _counted(loader: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An opcode loader that spends one of the unpickler's _MAX_PICKLE_OPS: one opcode byte can make a 64-byte
+    object (an empty dict), so the number of opcodes, not the pickle's size, bounds its memory."""
+    def load(unpickler: Any) -> None:
+        unpickler._ops_left -= 1
+        if unpickler._ops_left < 0:
+            raise pickle.UnpicklingError(f"more than {_MAX_PICKLE_OPS} pickle operations")
+        loader(unpickler)
+    return load
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that resolves only allow-listed globals, each to an inert stand-in; never imports anything.
 
@@ -250,6 +262,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.SETITEMS[0]] = _hash_checked(pickle._Unpickler.load_setitems, 2)
     dispatch[pickle.ADDITEMS[0]] = _hash_checked(pickle._Unpickler.load_additems, 1)
     dispatch[pickle.FROZENSET[0]] = _hash_checked(pickle._Unpickler.load_frozenset, 1)
+    dispatch = {opcode: _counted(loader) for opcode, loader in dispatch.items()}
+    _ops_left = _MAX_PICKLE_OPS
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 2 spells some names the Python 2 way (__builtin__.eval, commands.call): use Python 3's names

@@ -92,6 +92,11 @@ def write_colliding_keys(path: Path, count: int = 40_000) -> Path:
     return checkpoint_zip(path, _base_records(b"\x80\x02}(" + keys + b"u."))
 
 
+def write_many_containers(path: Path, count: int = 4_000_000) -> Path:
+    """A list of 4 million empty dicts: one byte each in the pickle, 64 bytes each in memory (290 MB)."""
+    return checkpoint_zip(path, _base_records(b"\x80\x02](" + b"}" * count + b"e."))
+
+
 def write_deflated_pickle(path: Path, size: int = 128 << 20) -> Path:
     """data.pkl deflated: 128 MB of zeros in a ~130 KB file (written in chunks: the test never holds it)."""
     checkpoint_zip(path, _base_records(b""))
@@ -158,6 +163,7 @@ HOSTILE = {  # name -> (reader kind, writer, file name)
     "many_views": ("pt", write_many_views, "views.pt"),
     "memo_index": ("pt", write_memo_index, "memo.pt"),
     "colliding_keys": ("pt", write_colliding_keys, "keys.pt"),
+    "many_containers": ("pt", write_many_containers, "containers.pt"),
     "deflated_pickle": ("pt", write_deflated_pickle, "bomb.pt"),
     "overlapping_entries": ("pt", write_overlapping_entries, "overlap.pt"),
     "stride0_adapter": ("adapter", write_stride0, "adapter-final.pt"),
