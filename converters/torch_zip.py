@@ -12,6 +12,9 @@ A `torch.save` file is a ZIP archive whose entries all live under one folder `<n
 Reading: `open_checkpoint(path)` parses data.pkl through an allow-listed unpickler (no global is ever imported or
 called: it only ever sees our own stand-ins) and exposes the tensors as `LazyTensor`s whose bytes are memory-mapped
 straight from the zip on demand, so a 12.7 GB checkpoint is read one tensor at a time in bounded memory.
+A checkpoint is untrusted: what reading it can allocate is paid for by the file (tensors' declared bytes by their
+data, data.pkl's size, opcodes and flattened names capped, each dict walked once), see the limits below and
+tests/test_fuzz_hostile.py.
 
 Writing: `save_checkpoint(path, tensors, tie=...)` writes the same layout one tensor at a time (torch.load,
 weights_only=True, reads it; tests cross-check), atomically through a temporary sibling.
