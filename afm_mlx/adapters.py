@@ -342,11 +342,13 @@ def export_adapter(source: str | os.PathLike, out_dir: str | os.PathLike, name: 
     fmadapter -> OUT/NAME.fmadapter (metadata keywords as in `write_fmadapter`); mlx-lm -> OUT/NAME/; pt -> OUT/NAME.pt.
     """
     from .converters.adapter_formats import write_mlx_adapter, write_toolkit_adapter
+    from .converters.output import check_name, exit_on_signals, made_parents, remove_stale
     from .model import ModelArgs
     from .presets import BASE_3B
 
     if to not in EXPORT_FORMATS:
         raise AFMError(f"unknown adapter format {to!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    check_name(name.removesuffix(".fmadapter") if to == "fmadapter" else name, "adapter name")  # stays in out_dir
     if model is not None:
         from .loading import read_config
 
@@ -360,7 +362,8 @@ def export_adapter(source: str | os.PathLike, out_dir: str | os.PathLike, name: 
     if target.exists() and not overwrite:
         raise AFMError(f"{target} exists (pass overwrite=True / --overwrite to replace it)")
     if to == "pt":
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write_toolkit_adapter(adapter, target)
+        with exit_on_signals(), made_parents(Path(out_dir)):  # save_checkpoint removes its own temporary file
+            remove_stale(target, ("tmp",))  # ... unless it was killed: .NAME.pt.tmp-PID
+            write_toolkit_adapter(adapter, target, overwrite=overwrite)
         return target
-    return write_mlx_adapter(adapter, target, args)
+    return write_mlx_adapter(adapter, target, args, overwrite=overwrite)

@@ -338,6 +338,8 @@ def stream_generate(
         ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, guide=guide)
         limit, limit_reason = _token_budget(len(ids), max_tokens, max_context)
         constraint = guide.constraint(model.args.vocab_size) if guide is not None else None
+        if draft is not None:  # proposals past the token budget would only be thrown away
+            draft_length = DraftLength(min(num_draft_tokens, limit), adaptive_draft)
 
         start = time.perf_counter()
         mx.reset_peak_memory()

@@ -151,6 +151,9 @@ def expected_tokens(alpha: float, k: int) -> float:
     return k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+MAX_DRAFT_TOKENS = 32
+
+
 def best_draft_length(alpha: float, cost_ratio: float, k_max: int) -> int:
     """The k in [1, k_max] with the most tokens per unit time, E(k) / (k * c + 1) (Leviathan Thm 3.8).
 
@@ -169,6 +172,9 @@ class DraftLength:
     def __init__(self, k: int, adaptive: bool = False, decay: float = 0.9):
         if not isinstance(k, int) or k < 1:
             raise AFMError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
+        if k > MAX_DRAFT_TOKENS:  # each round drafts k tokens one by one: a huge k is a hang, not a speed-up
+            raise AFMError(f"num_draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {k} (acceptance falls "
+                           "with every position: 2-8 is where speculation pays)")
         self.k_max, self.k, self.adaptive, self.decay = k, k, adaptive, decay
         self._accepted, self._rejected = 1.0, 0.5  # a mild prior towards drafting
 

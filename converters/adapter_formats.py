@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 from afm_mlx.errors import AFMError
 
 from .mapping import LORA_MODULES, normalize_key
+from .output import check_name, write_folder
 from .torch_zip import BF16, bf16_bits_to_float32, open_checkpoint, save_checkpoint
 
 TOOLKIT_SCALE = 0.5  # alpha / rank = 16 / 32 in the toolkit's base-model config
@@ -256,11 +256,14 @@ def _warn_if_untrained(adapter: AdapterWeights) -> None:
                       "base_adapter?)", stacklevel=3)
 
 
-def write_toolkit_adapter(adapter: AdapterWeights, path: str | os.PathLike, *, bf16: bool = False) -> None:
-    """Write a toolkit-style checkpoint (scale folded to the toolkit's 0.5), atomically, in state-dict order."""
+def write_toolkit_adapter(adapter: AdapterWeights, path: str | os.PathLike, *, bf16: bool = False,
+                          overwrite: bool = True) -> None:
+    """Write a toolkit-style checkpoint (scale folded to the toolkit's 0.5), atomically, in state-dict order;
+    overwrite=False: an existing file is an AFMError."""
     tensors = adapter.scaled_to(TOOLKIT_SCALE)
     order = sorted(tensors, key=_state_dict_order)
-    save_checkpoint(path, ((name_to_toolkit_key(n), BF16(tensors[n]) if bf16 else tensors[n]) for n in order))
+    save_checkpoint(path, ((name_to_toolkit_key(n), BF16(tensors[n]) if bf16 else tensors[n]) for n in order),
+                    replace=overwrite)
 
 
 def _state_dict_order(name: str) -> tuple:
@@ -350,14 +353,25 @@ def is_fmadapter(path: Path) -> bool:
     return path.is_dir() and ((path / FMADAPTER_WEIGHTS).exists() or (path / FMADAPTER_METADATA).exists())
 
 
+_MAX_JSON_BYTES = 1 << 20  # an adapter's metadata.json / adapter_config.json is well under a kilobyte
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file from an untrusted adapter: size-capped, and deep nesting (json recurses) is an error."""
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise AFMError(f"{path}: {path.stat().st_size} bytes, more than an adapter's JSON ever needs "
+                       f"({_MAX_JSON_BYTES}); not an adapter file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AFMError(f"{path}: invalid JSON ({' '.join(str(err).split())[:120]})") from None
+
+
 def read_fmadapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = Path(path) / FMADAPTER_METADATA
     if not meta_file.is_file():
         raise AFMError(f"{path}: not a .fmadapter package: {FMADAPTER_METADATA} is missing")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AFMError(f"{meta_file}: invalid JSON ({err})") from None
+    meta = _read_json(meta_file)
     if not isinstance(meta, dict) or not isinstance(meta.get("loraRank"), int) or meta["loraRank"] <= 0:
         raise AFMError(f"{meta_file}: needs a positive integer `loraRank`")
     if not isinstance(meta.get("baseModelSignature"), str):
@@ -420,11 +434,9 @@ def write_fmadapter(adapter: AdapterWeights, out_dir: str | os.PathLike, name: s
     """Write `<out_dir>/<name>.fmadapter` as the toolkit's exporter does; returns its path.
 
     The scale is folded into B so that the device's fixed 0.5 reproduces the adapter; modules the adapter lacks are
-    written as zeros (no change). Written to a temporary sibling and renamed at the end.
+    written as zeros (no change). Written whole or not at all (converters/output.py).
     """
-    name = name.removesuffix(".fmadapter")
-    if not name or "/" in name or os.sep in name or name.startswith("."):
-        raise AFMError(f"invalid adapter name {name!r}: use a plain file name")
+    name = check_name(name.removesuffix(".fmadapter"), "adapter name")
     check_adapter(adapter, args)
     target = Path(out_dir) / f"{name}.fmadapter"
     if target.exists() and not overwrite:
@@ -440,19 +452,13 @@ def write_fmadapter(adapter: AdapterWeights, out_dir: str | os.PathLike, name: s
         "loraRank": adapter.rank,
         "speculativeDecodingDraftTokenCount": draft_token_count,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir()
-        write_mil_blob(tmp / FMADAPTER_WEIGHTS, arrays)
-        (tmp / FMADAPTER_METADATA).write_text(
+
+    def fill(folder: Path) -> None:
+        write_mil_blob(folder / FMADAPTER_WEIGHTS, arrays)
+        (folder / FMADAPTER_METADATA).write_text(
             json.dumps(metadata, sort_keys=True, indent=4, default=str, ensure_ascii=False), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    write_folder(target, fill, replace=overwrite)
     return target
 
 
@@ -523,10 +529,9 @@ def _read_mlx_config(path: Path) -> dict:
     config_file = path / MLX_CONFIG
     if not config_file.is_file() or not (path / MLX_WEIGHTS).is_file():
         raise AFMError(f"{path}: not an mlx-lm adapter directory ({MLX_WEIGHTS} and {MLX_CONFIG} needed)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise AFMError(f"{config_file}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    config = _read_json(config_file)
+    if not isinstance(config, dict):
+        raise AFMError(f"{config_file}: not a JSON object")
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
         raise AFMError(f"{config_file}: fine_tune_type {kind!r}; only LoRA adapters are supported")
@@ -536,22 +541,27 @@ def _read_mlx_config(path: Path) -> dict:
     return config
 
 
-def write_mlx_adapter(adapter: AdapterWeights, out_dir: str | os.PathLike, args: Any) -> Path:
-    """Write an mlx-lm adapter directory (loadable by `mlx_lm.tuner.utils.load_adapters` on afm7)."""
+def write_mlx_adapter(adapter: AdapterWeights, out_dir: str | os.PathLike, args: Any, *,
+                      overwrite: bool = False) -> Path:
+    """Write the mlx-lm adapter directory `out_dir` (loadable by `mlx_lm.tuner.utils.load_adapters` on afm7),
+    whole or not at all; an existing one is replaced only with overwrite=True."""
     import mlx.core as mx
 
     check_adapter(adapter, args)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite:
+        raise AFMError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
     n_regular = args.num_regular_layers
     first = min(int(m["idx"]) + (0 if m["stack"] == "layers" else n_regular)
                 for m in map(_MLX_NAME.match, adapter.tensors))
     config = {"fine_tune_type": "lora", "num_layers": args.num_layers - first,
               "lora_parameters": {"rank": adapter.rank, "scale": adapter.scale, "dropout": 0.0}}
-    tmp = out / f".{MLX_WEIGHTS}.tmp-{os.getpid()}.safetensors"
-    mx.save_safetensors(str(tmp), {n: mx.array(t) for n, t in adapter.tensors.items()})
-    os.replace(tmp, out / MLX_WEIGHTS)
-    (out / MLX_CONFIG).write_text(json.dumps(config, indent=4))
+
+    def fill(folder: Path) -> None:
+        mx.save_safetensors(str(folder / MLX_WEIGHTS), {n: mx.array(t) for n, t in adapter.tensors.items()})
+        (folder / MLX_CONFIG).write_text(json.dumps(config, indent=4))
+
+    write_folder(out, fill, replace=overwrite)
     return out
 
 

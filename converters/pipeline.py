@@ -9,8 +9,10 @@ Output layout (loads with `afm_mlx.load` and with mlx-lm's afm7 model):
     OUT/draft/                      the draft, itself a model directory (same files), when a draft is given
     OUT/base_adapter/               only if the checkpoint's base_adapter LoRA is non-zero (mlx-lm adapter format)
 
-Everything is written into a temporary sibling of OUT that is renamed at the end, so a failed or interrupted
-conversion leaves nothing behind. Tensors are read, quantized and written one at a time.
+Everything is written into a temporary sibling of OUT that is renamed at the end (converters/output.py), so a
+failed or interrupted (Ctrl-C, SIGTERM, SIGHUP) conversion leaves nothing behind, not even the folders it made
+for OUT; a killed one's leftovers are removed by the next conversion to OUT. Tensors are read, quantized and
+written one at a time.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .mapping import (
     check_tied_output,
     map_toolkit_state_dict,
 )
+from .output import write_folder
 from .quantize import Packed, QuantSetting, quantize_tensor, store_float
 from .torch_zip import open_checkpoint
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -329,19 +332,17 @@ def convert(
         raise AFMError(f"{out} already exists; pass --force to replace it")
     plans = _plans(bits, group_size, embedding_bits, embedding_group_size, overrides, recipe,
                    draft_bits, draft_group_size, draft_embedding_bits, draft_embedding_group_size, draft_overrides)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    try:
+
+    def fill(tmp: Path) -> ConversionResult:
         result = _convert_into(tmp, sources, plans, rope_theta, draft_rope_theta, rms_norm_eps, shard_bytes, progress)
         result.seconds = time.perf_counter() - start
         result.report["seconds"] = round(result.seconds, 3)
         (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return result
+
+    # the existence check holds at the final rename too: of two conversions to one OUT, the second fails
+    result = write_folder(out, fill, replace=force, tag="converting")
     result.out = out
     return result
 
@@ -369,7 +370,6 @@ def _plans(bits, group_size, embedding_bits, embedding_group_size, overrides, re
 
 def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_theta, rms_norm_eps, shard_bytes,
                   progress) -> ConversionResult:
-    tmp.mkdir(parents=True)
     models = [("base", sources.base, tmp, plans[0], rope_theta)]
     if sources.draft is not None:
         theta = rope_theta if draft_rope_theta is None else draft_rope_theta
@@ -423,14 +423,3 @@ def _report(sources: Sources, base: ModelResult, draft: ModelResult | None, spec
         "draft": _model_report(sources.draft, draft) if draft is not None else None,
         "tokenizer": {"source": str(sources.tokenizer), "special_ids": special} if special else None,
     }
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an existing `out` (with --force) is removed only afterwards."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

@@ -12,6 +12,9 @@ A `torch.save` file is a ZIP archive whose entries all live under one folder `<n
 Reading: `open_checkpoint(path)` parses data.pkl through an allow-listed unpickler (no global is ever imported or
 called: it only ever sees our own stand-ins) and exposes the tensors as `LazyTensor`s whose bytes are memory-mapped
 straight from the zip on demand, so a 12.7 GB checkpoint is read one tensor at a time in bounded memory.
+A checkpoint is untrusted: what reading it can allocate is paid for by the file (tensors' declared bytes by their
+data, data.pkl's size, opcodes and flattened names capped, each dict walked once), see the limits below and
+tests/test_fuzz_hostile.py.
 
 Writing: `save_checkpoint(path, tensors, tie=...)` writes the same layout one tensor at a time (torch.load,
 weights_only=True, reads it; tests cross-check), atomically through a temporary sibling.
@@ -32,6 +35,7 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,6 +45,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from afm_mlx.errors import AFMError
+
+from .output import publish_file, staging_file
 
 __all__ = ["BF16", "Checkpoint", "LazyTensor", "bf16_bits_to_float32", "float32_to_bf16_bits", "open_checkpoint",
            "save_checkpoint"]
@@ -88,6 +94,18 @@ _TORCH_DTYPE_NAMES = {
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _MAX_NESTING = 16
+
+# Limits on what a (possibly hostile) file can make the reader allocate. Real files are far inside them: the 3B
+# base's data.pkl is about 0.3 MB, its names about 100 characters.
+_MAX_PICKLE_BYTES = 32 << 20  # data.pkl
+_MAX_PICKLE_OPS = 1 << 19  # its opcodes: torch writes ~32 per tensor (3B base + LoRA: ~61,000)
+_MAX_SMALL_RECORD = 4096  # version, byteorder
+_MAX_NAMES_FACTOR = 2  # flattened names may total at most 2x data.pkl's size (+ 64 KiB): nesting repeats prefixes
+_MAX_NDIM = 32
+_MAX_DIM = 1 << 48  # per size / stride entry: anything larger cannot be a real tensor
+# A broadcast view (stride 0, e.g. torch.zeros(1).expand(n)) declares more bytes than its storage holds. Such
+# views are allowed, but all distinct views together may declare at most the archive's data plus this much.
+_VIEW_ALLOWANCE = 16 << 20
 _ALIGNMENT = 64  # torch aligns every data record to 64 bytes (its `.storage_alignment`)
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # ZIP local file header: 30 bytes, name/extra lengths last
 _LOCAL_HEADER_MAGIC = 0x04034B50
@@ -147,18 +165,108 @@ def _encode_latin1(text: Any, encoding: Any = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _Inert:
+    """An allow-listed callable as the unpickler hands it out: nothing a file could set (BUILD on a plain function
+    could rewrite its __defaults__ for the whole process)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Callable[..., Any]):
+        object.__setattr__(self, "_call", call)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._call(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("read-only")
+
+
+_CODECS_ENCODE = _Inert(_encode_latin1)
+
+# Dict keys and set items must hash unpredictably (str, bytes: seeded per process) or uniquely (small ints):
+# ints k * (2**61 - 1) all hash to 0, and 20,000 of them (a 200 KB file) take 6 s to put in a dict, quadratically
+# more beyond. Torch's pickles only ever key by strings (an optimizer state by small ints).
+_HASH_MODULUS = sys.hash_info.modulus
+
+
+def _check_hashable(value: Any) -> None:
+    if type(value) in (str, bytes, bool, type(None)):
+        return
+    if type(value) is int and -_HASH_MODULUS < value < _HASH_MODULUS:
+        return
+    raise pickle.UnpicklingError(f"{type(value).__name__} {_describe(value)} as a dict key or set item")
+
+
+def _hash_checked(loader: Callable[[Any], None], step: int) -> Callable[[Any], None]:
+    """An opcode loader whose items since the last MARK (every `step`-th: the keys) are checked first."""
+    def load(unpickler: Any) -> None:
+        for item in unpickler.stack[::step]:
+            _check_hashable(item)
+        loader(unpickler)
+    return load
+
+
+def _checked_new(kind: type) -> Callable[..., Any]:
+    """dict / set / frozenset / OrderedDict as REDUCE calls them: `kind()` or `kind(list)`, items checked."""
+    def new(*args: Any) -> Any:
+        if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
+            raise pickle.UnpicklingError(f"{kind.__name__} called with {len(args)} arguments")
+        items = args[0] if args else ()
+        for item in items:
+            _check_hashable(item[0] if kind in (dict, collections.OrderedDict) and type(item) is tuple else item)
+        return kind(*args)
+    return new
+
+
+_ORDERED_DICT = _Inert(_checked_new(collections.OrderedDict))
+
+
+def _counted(loader: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An opcode loader that spends one of the unpickler's _MAX_PICKLE_OPS: one opcode byte can make a 64-byte
+    object (an empty dict), so the number of opcodes, not the pickle's size, bounds its memory."""
+    def load(unpickler: Any) -> None:
+        unpickler._ops_left -= 1
+        if unpickler._ops_left < 0:
+            raise pickle.UnpicklingError(f"more than {_MAX_PICKLE_OPS} pickle operations")
+        loader(unpickler)
+    return load
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that resolves only allow-listed globals, each to an inert stand-in; never imports anything.
 
-    The rebuild functions are bound methods: pickle's BUILD opcode can neither set their attributes nor reach
-    this module's functions through them.
+    It is pickle's pure-Python unpickler (data.pkl is small: 0.3 MB for the 3B base, ~25 ms): its memo is a dict,
+    where the C unpickler grows an array to the largest index a file names (a 9-byte LONG_BINPUT 2**28 took
+    4.2 GB). BUILD is only accepted on dicts the file itself made (torch sets a state dict's `_metadata` so):
+    never on a stand-in, whose state would then change for the whole process.
     """
 
-    _BUILTIN_TYPES = {"dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+    _BUILTIN_TYPES = {"dict": _Inert(_checked_new(dict)), "list": list, "tuple": tuple,
+                      "set": _Inert(_checked_new(set)), "frozenset": _Inert(_checked_new(frozenset))}
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: io.BytesIO, source_name: str):
         super().__init__(file)
         self._source_name = source_name
+
+    def load_build(self) -> None:
+        if type(self.stack[-2]) not in (dict, collections.OrderedDict):
+            raise pickle.UnpicklingError(f"BUILD on a {type(self.stack[-2]).__name__}: only a dict's attributes")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def load_setitem(self) -> None:
+        _check_hashable(self.stack[-2])
+        super().load_setitem()
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.DICT[0]] = _hash_checked(pickle._Unpickler.load_dict, 2)
+    dispatch[pickle.SETITEMS[0]] = _hash_checked(pickle._Unpickler.load_setitems, 2)
+    dispatch[pickle.ADDITEMS[0]] = _hash_checked(pickle._Unpickler.load_additems, 1)
+    dispatch[pickle.FROZENSET[0]] = _hash_checked(pickle._Unpickler.load_frozenset, 1)
+    dispatch = {opcode: _counted(loader) for opcode, loader in dispatch.items()}
+    _ops_left = _MAX_PICKLE_OPS
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 2 spells some names the Python 2 way (__builtin__.eval, commands.call): use Python 3's names
@@ -172,15 +280,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def _allowed(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
+            return _ORDERED_DICT
         if module == "builtins" and name in self._BUILTIN_TYPES:
             return self._BUILTIN_TYPES[name]
         if (module, name) == ("_codecs", "encode"):
-            return _encode_latin1
+            return _CODECS_ENCODE
         if module == "torch._utils":
-            return {"_rebuild_tensor_v2": self._rebuild_tensor_v2, "_rebuild_tensor": self._rebuild_tensor,
-                    "_rebuild_parameter": self._rebuild_parameter,
-                    "_rebuild_parameter_with_state": self._rebuild_parameter}.get(name)
+            return _REBUILDERS.get(name)
         if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
             return _StorageType(name, _STORAGE_DTYPES[name])
         if (module, name) == ("torch.storage", "TypedStorage"):
@@ -192,27 +298,49 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _StorageRef:
         # ("storage", storage_type, key, location, numel): the only persistent id torch's zip format writes.
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+            raise pickle.UnpicklingError(f"unsupported persistent id {_describe(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType) or storage_type.dtype is None:
-            raise pickle.UnpicklingError(f"storage type {storage_type!r:.60} has no dtype")
+            raise pickle.UnpicklingError(f"storage type {_describe(storage_type)} has no dtype")
         if not isinstance(key, str) or not _is_count(numel):
-            raise pickle.UnpicklingError(f"malformed storage id {pid!r:.80}")
+            raise pickle.UnpicklingError(f"malformed storage id (key {_describe(key)}, numel {_describe(numel)})")
         return _StorageRef(key, storage_type.dtype, numel)
 
-    def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False,
-                           backward_hooks=None, metadata=None):
-        return _TensorRecord(storage, storage_offset, size, stride)
 
-    def _rebuild_tensor(self, storage, storage_offset, size, stride):
-        return _TensorRecord(storage, storage_offset, size, stride)
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    return _TensorRecord(storage, storage_offset, size, stride)
 
-    def _rebuild_parameter(self, data, requires_grad=False, backward_hooks=None, state=None):
-        return data  # nn.Parameter is a tensor plus requires_grad, which inference does not need
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _TensorRecord(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    return data  # nn.Parameter is a tensor plus requires_grad, which inference does not need
+
+
+_REBUILDERS = {"_rebuild_tensor_v2": _Inert(_rebuild_tensor_v2), "_rebuild_tensor": _Inert(_rebuild_tensor),
+               "_rebuild_parameter": _Inert(_rebuild_parameter),
+               "_rebuild_parameter_with_state": _Inert(_rebuild_parameter)}
 
 
 def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
+
+
+def _describe(value: Any) -> str:
+    """A short description of a file-made value for an error message. Never a full repr: the repr of a structure
+    shared across nesting levels is exponential, and a huge int's repr raises."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<{value.bit_length()}-bit int>"
+    if value is None or isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, _StorageType):
+        return value.torch_name
+    return f"<{type(value).__name__}>"
 
 
 def _unpickle(data: bytes, source_name: str) -> Any:
@@ -339,20 +467,29 @@ class Checkpoint(Mapping):
 
     def _load(self) -> None:
         self.archive_name = _find_archive_name(self._zip, self._name)
+        self._file_size = os.fstat(self._file.fileno()).st_size
         self._check_byteorder()
         self.version = self._read_version()
-        root = _unpickle(self._read_record("data.pkl"), self._name)
-        state, self.extras = _split_root(root, self._name)
-        self._file_size = os.fstat(self._file.fileno()).st_size
+        pickled = self._read_record("data.pkl", _MAX_PICKLE_BYTES)
+        root = _unpickle(pickled, self._name)
+        state, self.extras = _split_root(root, self._name, _MAX_NAMES_FACTOR * len(pickled) + (64 << 10))
         self._storage_offsets: dict[str, int] = {}
         self._tensors = {name: self._make_tensor(name, record) for name, record in state.items()}
+        self._check_declared_bytes()
 
-    def _read_record(self, relative: str) -> bytes:
-        try:
-            return self._zip.read(f"{self.archive_name}/{relative}")
-        except KeyError:
+    def _read_record(self, relative: str, limit: int) -> bytes:
+        """A small record, read whole: at most `limit` bytes, and no more than the file's own size (a compressed
+        record cannot inflate beyond what the file holds: no zip bombs)."""
+        info = self._zip.NameToInfo.get(f"{self.archive_name}/{relative}")
+        if info is None:
             raise AFMError(f"{self._name}: missing {self.archive_name}/{relative}; not a complete "
-                           "PyTorch checkpoint") from None
+                           "PyTorch checkpoint")
+        if info.file_size > min(limit, self._file_size):
+            raise AFMError(f"{self._name}: {relative} declares {info.file_size} bytes, more than "
+                           f"{min(limit, self._file_size)} (the most it may hold); not a PyTorch checkpoint")
+        try:
+            with self._zip.open(info) as record:
+                return record.read(info.file_size)
         except Exception as err:  # zipfile raises many types on damaged archives (CRC, struct, zlib, ...)
             raise AFMError(f"{self._name}: cannot read {relative} ({_one_line(err)}); file damaged?") from None
 
@@ -362,7 +499,7 @@ class Checkpoint(Mapping):
     def _check_byteorder(self) -> None:
         # torch < 1.10 wrote no byteorder record: those files are little-endian
         if self._has_record("byteorder"):
-            order = self._read_record("byteorder")
+            order = self._read_record("byteorder", _MAX_SMALL_RECORD)
             if order != b"little":
                 raise AFMError(f"{self._name}: byteorder {order.decode('latin1')!r} is not supported "
                                "(only little-endian checkpoints); re-save it on a little-endian machine")
@@ -370,7 +507,7 @@ class Checkpoint(Mapping):
     def _read_version(self) -> int:
         # torch's own reader requires this record (in `.data/version` for newer files, else `version`)
         relative = ".data/version" if self._has_record(".data/version") else "version"
-        text = self._read_record(relative)
+        text = self._read_record(relative, _MAX_SMALL_RECORD)
         try:
             return int(text.strip())
         except ValueError:
@@ -378,17 +515,31 @@ class Checkpoint(Mapping):
 
     def _make_tensor(self, name: str, record: Any) -> LazyTensor:
         if not isinstance(record, _TensorRecord) or not isinstance(record.storage, _StorageRef):
-            raise AFMError(f"{self._name}: entry {name!r} is not a tensor")
+            raise AFMError(f"{self._name}: entry {_describe(name)} is not a tensor")
         shape, stride, offset = record.shape, record.stride, record.storage_offset
-        if not (isinstance(shape, tuple) and isinstance(stride, tuple) and len(shape) == len(stride)
-                and all(map(_is_count, shape + stride)) and _is_count(offset)):
-            raise AFMError(f"{self._name}: tensor {name!r} has malformed size/stride/offset")
+        if not (isinstance(shape, tuple) and isinstance(stride, tuple) and len(shape) == len(stride) <= _MAX_NDIM
+                and all(_is_count(v) and v < _MAX_DIM for v in shape + stride) and _is_count(offset)):
+            raise AFMError(f"{self._name}: tensor {_describe(name)} has malformed size/stride/offset")
         storage = record.storage
         end = offset + (_max_index(shape, stride) + 1 if math.prod(shape) else 0)
         if end > storage.numel:
-            raise AFMError(f"{self._name}: tensor {name!r} reaches element {end} of a {storage.numel}-element "
+            raise AFMError(f"{self._name}: tensor {_describe(name)} reaches element {end} of a {storage.numel}-element "
                            "storage; file damaged?")
         return LazyTensor(self, storage, self._storage_data_offset(storage), shape, stride, offset)
+
+    def _check_declared_bytes(self) -> None:
+        """What reading every tensor can materialise must be paid for by the file: the bytes all distinct views
+        declare (a tied head is the same view as its embedding: counted once) at most the data they view (never
+        more than the file) + _VIEW_ALLOWANCE. Stops stride-0 views of a 1-element storage declaring gigabytes."""
+        views = {(t.storage_key, t.dtype, t.storage_offset, t.shape, t.stride): t.nbytes for t in self._tensors.values()}
+        storages: dict[str, int] = {}
+        for t in self._tensors.values():
+            size = t._storage.numel * _NUMPY_DTYPES[t.dtype].itemsize
+            storages[t.storage_key] = max(size, storages.get(t.storage_key, 0))
+        declared, data = sum(views.values()), min(sum(storages.values()), self._file_size)
+        if declared > data + _VIEW_ALLOWANCE:
+            raise AFMError(f"{self._name}: its tensors declare {declared} bytes but the file holds {data} bytes of "
+                           "tensor data (overlapping or stride-0 views); not a real checkpoint")
 
     def _storage_data_offset(self, storage: _StorageRef) -> int:
         """File offset of `data/<key>`'s bytes, checked: present, uncompressed, large enough, inside the file."""
@@ -515,8 +666,11 @@ def _find_archive_name(archive: zipfile.ZipFile, name: str) -> str:
     return folders[0]
 
 
-def _split_root(root: Any, name: str) -> tuple[dict[str, _TensorRecord], dict[str, Any]]:
-    """Root object -> (flat name -> tensor record, flat name -> non-tensor value)."""
+def _split_root(root: Any, name: str, name_budget: int) -> tuple[dict[str, _TensorRecord], dict[str, Any]]:
+    """Root object -> (flat name -> tensor record, flat name -> non-tensor value).
+
+    name_budget: the most characters all flattened names may total (nesting repeats each prefix in every name
+    below it)."""
     if not isinstance(root, dict):
         raise AFMError(f"{name}: holds a {type(root).__name__}, not a state dict")
     extras: dict[str, Any] = {}
@@ -525,24 +679,43 @@ def _split_root(root: Any, name: str) -> tuple[dict[str, _TensorRecord], dict[st
         if wrapper is not None:  # e.g. {"state_dict": {...}, "epoch": 3}
             extras = {k: v for k, v in root.items() if k != wrapper}
             root = root[wrapper]
-    tensors: dict[str, _TensorRecord] = {}
-    _flatten(root, "", tensors, extras, name, 0)
-    return tensors, extras
+    flat = _Flattener(name, name_budget)
+    flat.walk(root, "", 0)
+    extras.update(flat.extras)
+    return flat.tensors, extras
 
 
-def _flatten(node: dict, prefix: str, tensors: dict, extras: dict, name: str, depth: int) -> None:
-    if depth > _MAX_NESTING:
-        raise AFMError(f"{name}: state dict nested deeper than {_MAX_NESTING} levels")
-    for key, value in node.items():
-        if not isinstance(key, str):
-            raise AFMError(f"{name}: state-dict key {key!r:.40} is not a string")
-        full = prefix + key
-        if isinstance(value, dict):
-            _flatten(value, full + ".", tensors, extras, name, depth + 1)
-        elif isinstance(value, _TensorRecord):
-            tensors[full] = value
-        else:
-            extras[full] = value
+class _Flattener:
+    """Nested dicts -> flat "a.b.c" names. A pickle can put one dict at many places (a 2 KB file, 12 keys x 14
+    levels, has 12**14 paths): each dict is walked once, a second place is refused, and the names' total length
+    is bounded."""
+
+    def __init__(self, source: str, name_budget: int):
+        self.source, self.budget = source, name_budget
+        self.tensors: dict[str, _TensorRecord] = {}
+        self.extras: dict[str, Any] = {}
+        self._seen: set[int] = set()
+
+    def walk(self, node: dict, prefix: str, depth: int) -> None:
+        if depth > _MAX_NESTING:
+            raise AFMError(f"{self.source}: state dict nested deeper than {_MAX_NESTING} levels")
+        if id(node) in self._seen:
+            raise AFMError(f"{self.source}: one dict appears at several places (at {prefix[:60]!r} again); "
+                           "not a state dict")
+        self._seen.add(id(node))
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise AFMError(f"{self.source}: state-dict key {_describe(key)} is not a string")
+            full = prefix + key
+            self.budget -= len(full)
+            if self.budget < 0:
+                raise AFMError(f"{self.source}: state-dict names too long for the file's size (nested too often)")
+            if isinstance(value, dict):
+                self.walk(value, full + ".", depth + 1)
+            elif isinstance(value, _TensorRecord):
+                self.tensors[full] = value
+            else:
+                self.extras[full] = value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,32 +754,37 @@ class _Entry(NamedTuple):
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: Iterable[tuple[str, TensorSource]], *,
-                    tie: Mapping[str, str] | None = None) -> None:
+                    tie: Mapping[str, str] | None = None, replace: bool = True) -> None:
     """Write a PyTorch zip checkpoint (an OrderedDict of tensors, as torch.save writes it) one tensor at a time.
 
     `tensors` yields (name, value); a value is a NumPy array, `BF16(...)`, a `LazyTensor` (bf16 copied bit-exact),
     or a zero-argument callable returning one of those (called only when that tensor is written, so peak memory
     is one tensor). `tie={"output_transform.weight": "embedding.weight"}` stores the first key as a view of the
     second key's storage, as torch does for tied weights; a tied key's value in `tensors` is never read (it may
-    be None) and only fixes its position, else the tied key is appended at the end.
+    be None) and only fixes its position, else the tied key is appended at the end. replace=False: an existing
+    `path` (even one that appeared while writing) is an AFMError, never overwritten.
     """
     path = Path(path)
     tie = dict(tie or {})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _create(path)
     try:
-        with _create(tmp, path) as file:
+        with open(tmp, "wb") as file:
             _write_archive(file, path.stem or "archive", tensors, tie)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            publish_file(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _create(tmp: Path, final: Path):
+def _create(final: Path) -> Path:
+    """The temporary sibling `final` is written to (unique: concurrent writers never share one)."""
     try:
-        return open(tmp, "wb")
+        return staging_file(final, "tmp")
     except OSError as err:  # missing folder, no permission: a user mistake, not a bug
         raise AFMError(f"cannot write {final}: {err.strerror}") from None
 

@@ -86,6 +86,7 @@ def test_chat_keeps_the_cache_across_turns(model_dir):
     (["generate", "Hi", "--top-p", 1.5], "top_p must be in (0, 1]"),
     (["generate", "Hi", "--max-tokens", 0], "max_tokens"),
     (["generate", "Hi", "--num-draft-tokens", 0], "num_draft_tokens"),
+    (["generate", "Hi", "-k", 1000000], "num_draft_tokens must be at most 32"),
     (["generate", "Hi", "--draft", "WRONG"], "vocabulary"),
     (["generate", "Hi", "--draft", "MISSING"], "draft directory not found"),
     (["generate", "Hi", "--draft", "DRAFT", "--no-draft"], "exclude each other"),

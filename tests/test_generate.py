@@ -168,6 +168,15 @@ def test_greedy_speculative_text_equals_plain(model, draft, tok):
     assert spec.tokens == plain.tokens and spec.text == plain.text
 
 
+@pytest.mark.parametrize("budget", [dict(max_tokens=2), dict(max_context=2)])
+def test_draft_length_is_capped_by_the_token_budget(model, draft, tok, budget):
+    # -k 32 -n 2: drafting 32 tokens to keep 2 only costs time (-k 5000 took 132 s for 3 tokens)
+    if "max_context" in budget:
+        budget = dict(max_context=len(tok.encode_prompt(PROMPT)) + 2)
+    spec = generate(model, no_stop(tok), PROMPT, draft_model=draft, num_draft_tokens=32, **budget).stats.speculative
+    assert spec.rounds >= 1 and spec.proposed == 2 * spec.rounds
+
+
 # ---- streaming and statistics
 
 
@@ -277,6 +286,7 @@ def test_prompt_forms_and_default_draft(model, draft, tok):
     (dict(top_p=1.5), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(num_draft_tokens=0), "num_draft_tokens"),
+    (dict(num_draft_tokens=33), "at most 32"),
     (dict(stop=[3]), "stop strings"),
 ])
 def test_bad_options_are_refused(model, draft, tok, options, message):

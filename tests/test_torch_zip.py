@@ -506,3 +506,36 @@ def test_reading_one_tensor_does_not_read_the_others(tmp_path):
     assert result["ok"] and not result["torch_imported"]  # the reader never needs torch
     assert result["small_read"] < 16 << 20, result  # reading "small" (plus one page of "big") stays tiny
     assert result["big_read"] > 0.9 * big_bytes, result  # the probe does see a real read
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue #16: a file cannot change the reader, and genuine broadcast views still read (the fuzz suite,
+# test_fuzz_hostile.py, covers the memory and time bounds)
+
+_ENCODE_ONE_ARG = b"c_codecs\nencode\nX\x03\x00\x00\x00abc\x85R"  # _codecs.encode("abc"): the default encoding
+
+
+def test_build_cannot_change_an_allow_listed_stand_in(tmp_path):
+    # BUILD (None, {"__defaults__": ("utf-8",)}) on _codecs.encode would set the function's defaults process-wide
+    build = (b"c_codecs\nencode\nN}X\x0c\x00\x00\x00__defaults__X\x05\x00\x00\x00utf-8\x85s\x86b0")
+    records = _valid_records(tmp_path)
+    records["data.pkl"] = b"\x80\x02" + build + b"ccollections\nOrderedDict\n)R."
+    _checkpoint_zip(tmp_path / "build.pt", records)
+    try:
+        assert "BUILD on a _Inert" in _one_line_error(tmp_path / "build.pt")
+    finally:
+        defaults = tz._encode_latin1.__defaults__
+        tz._encode_latin1.__defaults__ = ("latin1",)  # undo it for the other tests if the reader let it through
+    assert defaults == ("latin1",)
+    records["data.pkl"] = b"\x80\x02ccollections\nOrderedDict\n)R(X\x01\x00\x00\x00x" + _ENCODE_ONE_ARG + b"u."
+    _checkpoint_zip(tmp_path / "after.pt", records)
+    with open_checkpoint(tmp_path / "after.pt") as ckpt:
+        assert ckpt.extras == {"x": b"abc"}
+
+
+def test_torch_broadcast_view_is_read(tmp_path):
+    # torch.zeros(1).expand(n) declares more bytes than its storage: accepted within the view allowance
+    torch = _torch()
+    torch.save({"mask": torch.ones(1).expand(1000), "w": torch.arange(6.0)}, tmp_path / "b.pt")
+    with open_checkpoint(tmp_path / "b.pt") as ckpt:
+        assert ckpt["mask"].stride == (0,) and np.array_equal(ckpt["mask"].numpy(copy=True), np.ones(1000))
