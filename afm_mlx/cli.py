@@ -97,6 +97,24 @@ def _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalt
                 adaptive_draft=adaptive_draft, stop=stop or None, max_context=max_context)
 
 
+_JSON_SCHEMA_HELP = ("Guided JSON: a file holding a JSON schema (or an OpenAI/toolkit response_format object); "
+                     "every token is drawn inside it, and the schema is shown to the model as the toolkit does.")
+_REGEX_HELP = "Guided text: the answer is a full match of this regular expression."
+_GRAMMAR_HELP = "Guided text: a file holding a Lark grammar (llguidance's dialect) the answer must follow."
+_TOOLS_HELP = ("Tool calling: a JSON file with a list of tools [{\"type\": \"function\", \"function\": {\"name\", "
+               "\"description\", \"parameters\"}}]; a call is written as the toolkit's <executable_start> block, its "
+               "arguments drawn inside the tool's parameter schema.")
+_TOOL_CHOICE_HELP = "With --tools: auto (text or calls), required (calls), none (text only) or a tool's name."
+_PARALLEL_HELP = "With --tools: allow several calls in one reply (--one-tool-call: at most one)."
+
+
+def _guided(json_schema, regex, grammar, tools, tool_choice, parallel_tool_calls) -> dict:
+    from .frontend import guided_options
+
+    return guided_options(str(json_schema) if json_schema else None, regex, str(grammar) if grammar else None,
+                          str(tools) if tools else None, tool_choice, parallel_tool_calls)
+
+
 _ADAPTER_HELP = ("LoRA adapter to generate with: a toolkit checkpoint (adapter-final.pt), a .fmadapter package or "
                  "an mlx-lm adapter dir; applied at runtime on the (quantized) base.")
 _SIGNATURE_HELP = "Load a .fmadapter whose baseModelSignature is not toolkit 26.0.0's base."
@@ -131,10 +149,18 @@ def generate(
                                                       "to stderr."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help=_ADAPTER_HELP),
     allow_signature_mismatch: bool = typer.Option(False, help=_SIGNATURE_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=_JSON_SCHEMA_HELP),
+    regex: Optional[str] = typer.Option(None, "--regex", help=_REGEX_HELP),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", help=_GRAMMAR_HELP),
+    tools: Optional[Path] = typer.Option(None, "--tools", help=_TOOLS_HELP),
+    tool_choice: Optional[str] = typer.Option(None, "--tool-choice", help=_TOOL_CHOICE_HELP),
+    parallel_tool_calls: bool = typer.Option(True, "--parallel-tool-calls/--one-tool-call", help=_PARALLEL_HELP),
 ):
     """Generate a reply to PROMPT, streamed to stdout; speculative decoding with the draft when there is one.
 
     The output follows the base model's distribution exactly with or without the draft (greedy: the same text).
+    Guided generation (--json-schema, --regex, --grammar, --tools) draws every token inside the constraint, with
+    or without the draft; an answer the token budget cuts short is printed and reported as incomplete (exit 1).
     """
     from .frontend import run_generate
 
@@ -142,6 +168,7 @@ def generate(
                                   num_draft_tokens, adaptive_draft, stop, max_context)
     options.update(system=system, raw=raw)
     try:
+        options.update(_guided(json_schema, regex, grammar, tools, tool_choice, parallel_tool_calls))
         run_generate(prompt, model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats,
                      options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr,
                      adapters=[str(adapter)] if adapter else [], allow_signature_mismatch=allow_signature_mismatch)
@@ -170,6 +197,12 @@ def chat(
                                                             "loaded over one base; the first is active, "
                                                             "`/adapter NAME|none` switches."),
     allow_signature_mismatch: bool = typer.Option(False, help=_SIGNATURE_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=_JSON_SCHEMA_HELP),
+    regex: Optional[str] = typer.Option(None, "--regex", help=_REGEX_HELP),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", help=_GRAMMAR_HELP),
+    tools: Optional[Path] = typer.Option(None, "--tools", help=_TOOLS_HELP),
+    tool_choice: Optional[str] = typer.Option(None, "--tool-choice", help=_TOOL_CHOICE_HELP),
+    parallel_tool_calls: bool = typer.Option(True, "--parallel-tool-calls/--one-tool-call", help=_PARALLEL_HELP),
 ):
     """Multi-turn chat in the terminal, one message per line (/reset, /exit). The KV cache is kept across turns:
     each turn prefills only its own new tokens."""
@@ -178,6 +211,7 @@ def chat(
     options = _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
                                   num_draft_tokens, adaptive_draft, None, max_context)
     try:
+        options.update(_guided(json_schema, regex, grammar, tools, tool_choice, parallel_tool_calls))
         run_chat(model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats, system=system,
                  options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, adapters=adapter,
                  allow_signature_mismatch=allow_signature_mismatch)

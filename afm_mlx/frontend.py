@@ -5,6 +5,7 @@ front end over the same engine.
 
 from __future__ import annotations
 
+import json
 from typing import Iterator, Sequence
 
 from .adapters import active_adapter, list_adapters, load_adapter, set_active_adapter
@@ -12,7 +13,6 @@ from .errors import AFMError
 from .generation import ChatSession, GenerationResponse, _check_positive_int, stream_generate
 from .model import Model
 from .sampling import SamplingParams
-from .stats import GenerationStats
 
 
 def load_for_generation(model_dir: str | None, draft_dir: str | None, no_draft: bool,
@@ -51,21 +51,70 @@ def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
     return name, path
 
 
-def print_stream(responses: Iterator[GenerationResponse], out, err, show_stats: bool) -> GenerationStats:
-    """Write the text to `out` as it comes (flushed), a final newline, and the stats to `err` if asked."""
-    text_end, stats = "\n", None
+def print_stream(responses: Iterator[GenerationResponse], out, err, show_stats: bool) -> GenerationResponse | None:
+    """Write the text to `out` as it comes (flushed), a final newline, and the stats to `err` if asked.
+
+    Returns the last response (its stats, and for a guided answer what it means); AFMError after printing when a
+    guided answer was cut short (its text is incomplete JSON, a regex match not yet whole, ...).
+    """
+    text_end, last = "\n", None
     for response in responses:
         if response.text:
             out.write(response.text)
             out.flush()
             text_end = response.text[-1]
-        stats = response.stats or stats
+        last = response if response.stats is not None else last
     if text_end != "\n":
         out.write("\n")
     out.flush()  # before the stats: on a terminal stdout and stderr interleave
-    if show_stats and stats is not None:
-        err.write(stats.summary() + "\n")
-    return stats
+    if show_stats and last is not None:
+        err.write(last.stats.summary() + "\n")
+    if last is not None and last.guided is not None and last.guided.incomplete:
+        raise AFMError(f"{last.guided.incomplete} (raise --max-tokens or --max-context)")
+    return last
+
+
+def guided_options(json_schema: str | None = None, regex: str | None = None, grammar: str | None = None,
+                   tools: str | None = None, tool_choice: str | None = None,
+                   parallel_tool_calls: bool = True) -> dict:
+    """stream_generate's guided options from the CLI's flags: the files read, their JSON parsed (one-line errors).
+
+    --json-schema FILE holds a JSON schema or a whole response_format ({'type': 'json_schema', ...}); --tools FILE
+    a list of tools (or {'tools': [...]}); --tool-choice is auto, required, none or a tool's name.
+    """
+    options: dict = {}
+    if json_schema is not None:
+        value = _read_json(json_schema, "--json-schema")
+        key = "response_format" if isinstance(value, dict) and value.get("type") == "json_schema" else "schema"
+        options[key] = value
+    if regex is not None:
+        options["regex"] = regex
+    if grammar is not None:
+        options["grammar"] = _read_text(grammar, "--grammar")
+    if tools is not None:
+        value = _read_json(tools, "--tools")
+        options["tools"] = value.get("tools") if isinstance(value, dict) else value
+    if tool_choice is not None:
+        options["tool_choice"] = tool_choice if tool_choice in ("auto", "required", "none") else \
+            {"type": "function", "function": {"name": tool_choice}}
+    if not parallel_tool_calls:
+        options["parallel_tool_calls"] = False
+    return options
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AFMError(f"{flag} {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+
+
+def _read_json(path: str, flag: str):
+    try:
+        return json.loads(_read_text(path, flag))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise AFMError(f"{flag} {path}: not valid JSON ({getattr(err, 'msg', 'nested too deeply')})") from None
 
 
 def chat_loop(session: ChatSession, lines: Iterator[str], out, err, show_stats: bool, interactive: bool) -> None:
