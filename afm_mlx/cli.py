@@ -55,6 +55,9 @@ def bench(
     engines: Optional[str] = typer.Option(None, help="afm-mlx,mlx-lm (default both, side by side)."),
     adapter: Optional[bool] = typer.Option(None, "--adapter/--no-adapter", help="Decode with a random LoRA adapter "
                                                                               "vs none (afm-mlx)."),
+    guided: Optional[bool] = typer.Option(None, "--guided/--no-guided", help="Decode under a JSON schema vs free "
+                                                                          "(afm-mlx; workloads with a tokenizer): "
+                                                                          "speed ratio, mask cost, acceptance."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots (needs matplotlib)."),
     time_budget: Optional[float] = typer.Option(None, help="Seconds per workload; a speculative setting (or the adapter "
                                                            "run) that would end past it is skipped, and listed."),
@@ -76,6 +79,7 @@ def bench(
                      "ks": parse_ints(ks, "--ks") if ks else None,
                      "temperatures": parse_floats(temperatures, "--temperatures") if temperatures else None,
                      "engines": [e.strip() for e in engines.split(",")] if engines else None, "adapter": adapter,
+                     "guided": guided,
                      "time_budget_s": time_budget}
         run_workloads(names, model_dir=model, prompts=prompts, out_dir=out, plots=plots, overrides=overrides)
     except AFMError as err:

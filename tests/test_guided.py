@@ -224,3 +224,16 @@ def test_a_conversation_continues_with_the_tool_result(demo):
     messages += [reply, {"role": "tool", "content": {"temperature": 21, "sky": "clear"}}]
     second = generate(model, tok, messages, tools=[WEATHER], tool_choice="none", max_tokens=10)
     assert second.stats.prompt_tokens > first.stats.prompt_tokens and second.tool_calls is None
+
+
+def test_bench_guided_measures_speed_mask_and_acceptance(demo):
+    from afm_mlx.bench.guided import bench_guided
+    from afm_mlx.bench.suite import BenchConfig
+
+    model, tok = demo
+    config = BenchConfig([8], 8, 12, [2], [0.0], trials=1, warmup=0)
+    result = bench_guided(model, model.draft, tok, config, lambda _: None)
+    assert set(result) >= {"plain", "speculative", "mask"} and result["k"] == 2
+    assert result["plain"]["guided_tps"] > 0 and result["plain"]["ratio"] > 0
+    assert 0 <= result["speculative"]["guided_acceptance"] <= 1 and result["plain"]["guided_acceptance"] is None
+    assert result["mask"]["masks"] == result["plain"]["guided_tokens"] and 0 < result["mask"]["seconds_per_mask"]

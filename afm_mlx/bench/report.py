@@ -124,12 +124,32 @@ def results_markdown(results: dict[str, Any]) -> str:
                           "tokens per verify forward):", ""]
             lines += _table(["k", "afm-mlx tok/s", "speedup", "acceptance", "tokens/step",
                              "mlx-lm tok/s", "speedup", "acceptance", "tokens/step", "afm-mlx / mlx-lm"], rows)
-    lines += _position_table(results) + _goal_lines(results) + _memory_lines(results) + _agreement_lines(results)
+    lines += _position_table(results) + _guided_lines(results) + _goal_lines(results) + _memory_lines(results)
+    lines += _agreement_lines(results)
     lines += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
     if results.get("skipped"):
         lines.append(f"- Time budget ({results['config']['time_budget_s']:g} s) spent; not measured: "
                      f"{', '.join(results['skipped'])}.")
     return "\n".join(lines) + "\n"
+
+
+def _guided_lines(results: dict[str, Any]) -> list[str]:
+    g = results.get("guided") or {}
+    if g.get("status") != "measured":
+        return []
+    rows = [[mode, _num(g[mode]["free_tps"]), _num(g[mode]["guided_tps"]), _ratio(g[mode]["ratio"]),
+             _num(g[mode]["free_acceptance"], 2), _num(g[mode]["guided_acceptance"], 2)]
+            for mode in ("plain", "speculative") if mode in g]
+    mask = g["mask"]
+    lines = ["", f"Guided decoding (afm-mlx, greedy, a JSON schema rendered into a {g['prompt_tokens']}-token prompt; "
+                 f"free = the same prompt without the mask; speculative k = {g['k']}):", ""]
+    lines += _table(["mode", "free tok/s", "guided tok/s", "guided / free", "acceptance free", "acceptance guided"],
+                    rows)
+    if mask["seconds_per_mask"] is not None:
+        lines += ["", f"One grammar mask (compute + advance the matcher, on the host): "
+                      f"{mask['seconds_per_mask'] * 1e6:.0f} us, {100 * mask['share_of_step']:.1f}% of a free "
+                      f"decode step ({mask['masks']} masks replayed)."]
+    return lines
 
 
 def _settings_line(c: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ class BenchConfig:
     engines: list[str] = field(default_factory=lambda: list(ENGINES))
     adapter: bool = True  # afm-mlx decode with a random runtime LoRA adapter vs without
     adapter_rank: int = 32
+    guided: bool = True  # afm-mlx decode under a JSON schema vs free, where the workload has a real tokenizer
     seed: int = 0
     time_budget_s: float | None = None  # settings that would end past it are skipped (and listed): Budget
 
@@ -103,7 +104,8 @@ def count_runs(config: BenchConfig, has_draft: bool, engines: int) -> int:
     per_setting = (config.warmup + config.trials) * engines
     settings = len(config.prompt_lengths) + len(config.temperatures) * (1 + (len(config.ks) if has_draft else 0))
     adapter = 2 * (config.warmup + config.trials) if config.adapter and "afm-mlx" in config.engines else 0
-    return settings * per_setting + adapter
+    guided = (4 if has_draft else 2) * (config.warmup + config.trials) if config.guided else 0
+    return settings * per_setting + adapter + guided
 
 
 def _median(values: list[float]) -> float:
@@ -367,6 +369,20 @@ def harness_notes(workload: Workload, config: BenchConfig) -> list[str]:
     return notes
 
 
+def bench_guided_if_possible(engines: list, workload: Workload, config: BenchConfig, tick: Tick,
+                             budget: Budget) -> dict[str, Any]:
+    """Guided decoding (bench.guided) on afm-mlx where the workload has a real tokenizer; else why not."""
+    if not config.guided:
+        return {"status": "n/a", "reason": "switched off"}
+    if workload.tokenizer is None or "afm-mlx" not in [e.name for e in engines]:
+        return {"status": "n/a", "reason": "needs afm-mlx and a workload with a real tokenizer (demo, --model)"}
+    if not budget.allows("guided"):
+        return {"status": "n/a", "reason": "skipped: time budget spent"}
+    from .guided import bench_guided
+
+    return {"status": "measured", **bench_guided(workload.model, workload.draft, workload.tokenizer, config, tick)}
+
+
 def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None = None) -> dict[str, Any]:
     """Every metric for every engine on one workload; a JSON-ready dict (see write_results)."""
     config.validate()
@@ -389,6 +405,7 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
         else:
             speeds[engine.name]["adapter"] = {"status": "n/a", "reason": "not run: the harness compares mlx-lm's "
                                               "afm7 without LoRA (its adapters fuse or wrap via tuner.lora)"}
+    guided = bench_guided_if_possible(engines, workload, config, tick, budget)
     add_roofline(speeds, workload, config, machine["bandwidth_gbps"])
     results = {
         "schema": SCHEMA_VERSION, "machine": machine,
@@ -397,7 +414,7 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
                      "draft": describe_weights(workload.draft) if workload.draft is not None else None},
         "config": asdict(config), "engines": speeds, "agreement_greedy": agreement,
         "memory": memory_summary(workload, speeds), "ratios": ratios(speeds),
-        "notes": harness_notes(workload, config), "skipped": budget.skipped,
+        "notes": harness_notes(workload, config), "skipped": budget.skipped, "guided": guided,
     }
     results["goals"] = goals(results)
     return results

@@ -32,6 +32,7 @@ class Workload:
     prompt_source: str
     vocab_size: int
     notes: list[str] = field(default_factory=list)
+    tokenizer: Any = None  # the real tokenizer where there is one (guided generation needs it)
 
     def prompt(self, length: int, index: int) -> list[int]:
         """A prompt of exactly `length` ids: a window of passage `index` (cycled), starting at a passage start."""
@@ -154,7 +155,7 @@ def demo_workload(path: str | Path | None = None, prompts: str | Path | None = N
     name = "demo" if path is None else root.name
     return Workload(name=name, description=f"{'demo family' if path is None else root}: base + draft, real text",
                     model=model, draft=model.draft, passages=passages, prompt_source=source,
-                    vocab_size=tokenizer.vocab_size)
+                    vocab_size=tokenizer.vocab_size, tokenizer=tokenizer)
 
 
 def model_dir_workload(path: str | Path, prompts: str | Path | None = None, max_length: int = 512) -> Workload:
