@@ -51,18 +51,28 @@ def answer(model, tokenizer, row: dict, seed: int, draft: bool, max_tokens: int)
     return {**record, "outcome": "valid"}
 
 
-def run(max_tokens: int, limit: int | None) -> dict:
+def run(max_tokens: int, limit: int | None, out: Path) -> dict:
+    """Answer every schema; the report is rewritten every 20 schemas, so a stopped run keeps what it measured."""
     model, tokenizer = afm_mlx.load()
-    rows, records = load_corpus(limit), []
+    rows = load_corpus(limit)
+    report = {"machine": machine_info(), "max_tokens": max_tokens, "temperature": 1.0, "schemas": 0,
+              "records": [], "seconds": 0.0}
     start = time.perf_counter()
     for seed, row in enumerate(rows):
         for draft in (False, True):
-            records.append({"id": row["id"], "draft": draft, **answer(model, tokenizer, row, seed, draft,
-                                                                      max_tokens)})
-        if seed % 20 == 19:
-            print(f"{seed + 1}/{len(rows)} schemas, {time.perf_counter() - start:.0f} s", flush=True)
-    return {"machine": machine_info(), "max_tokens": max_tokens, "temperature": 1.0, "schemas": len(rows),
-            "records": records, "seconds": time.perf_counter() - start}
+            report["records"].append({"id": row["id"], "draft": draft,
+                                      **answer(model, tokenizer, row, seed, draft, max_tokens)})
+        report["schemas"], report["seconds"] = seed + 1, time.perf_counter() - start
+        if seed % 20 == 19 or seed + 1 == len(rows):
+            write(report, out)
+            print(f"{seed + 1}/{len(rows)} schemas, {report['seconds']:.0f} s", flush=True)
+    return report
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "guided_corpus.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "guided_corpus.md").write_text(summary(report))
 
 
 def summary(report: dict) -> str:
@@ -80,7 +90,8 @@ def summary(report: dict) -> str:
               "Rejected schemas (llguidance's reason):", ""]
     lines += [f"- `{r['id']}`: {r['reason']}" for r in report["records"] if r["outcome"] == "rejected" and
               not r["draft"]]
-    lines += ["", f"Run at {report['machine'].get('git', {}).get('commit', '?')[:10]} on {report['machine'].get('device', '?')}, "
+    machine = report["machine"]
+    lines += ["", f"Run at {machine.get('git', {}).get('commit', '?')[:10]} on {machine.get('device', '?')}, "
                   f"{report['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -91,12 +102,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N schemas")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    report = run(args.max_tokens, args.limit)
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / machine_slug(report["machine"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "guided_corpus.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "guided_corpus.md").write_text(summary(report))
-    print(summary(report))
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / machine_slug(machine_info())
+    print(summary(run(args.max_tokens, args.limit, out)))
 
 
 if __name__ == "__main__":
