@@ -237,6 +237,16 @@ def render_chat_template(
 # ---- the tokenizer
 
 
+def _check_utf8(text: str) -> None:
+    """Python hands over undecodable command-line or stdin bytes as lone surrogates (surrogateescape);
+    SentencePiece cannot take them, so they are refused here with the position, as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise AFMError(f"the text is not valid UTF-8 (undecodable byte or lone surrogate at character "
+                       f"{err.start})") from None
+
+
 class Tokenizer:
     """SentencePiece tokenizer with the AFM conventions (see the module docstring)."""
 
@@ -268,6 +278,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise AFMError(f"text to encode must be a str, got {type(text).__name__}")
+        _check_utf8(text)
         text = text.replace("\n", NEWLINE)
         if dummy_prefix:
             return self.sp.encode(text)
