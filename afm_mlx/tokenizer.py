@@ -39,6 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import sentencepiece as spm
 
 from .errors import AFMError
+from .jsonfile import read_json
 
 DEFAULT_SYSTEM_MESSAGE = "A conversation between a user and a helpful assistant."
 TOKENIZER_FILE = "tokenizer.model"
@@ -93,10 +94,7 @@ def write_tokenizer_config(out_dir: str | os.PathLike, sp: spm.SentencePieceProc
 
 
 def _check_config(path: Path, found: SpecialTokens, vocab_size: int) -> None:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AFMError(f"{path} is not valid JSON ({err}); delete it or re-run the converter") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise AFMError(f"{path} must hold a JSON object of special token ids")
     expected = {**found.as_dict(), "vocab_size": vocab_size}

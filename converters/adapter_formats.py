@@ -34,10 +34,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from afm_mlx.errors import AFMError
+from afm_mlx.jsonfile import read_json, require
 
 from .mapping import LORA_MODULES, normalize_key
 from .torch_zip import BF16, bf16_bits_to_float32, open_checkpoint, save_checkpoint
 
+MAX_LORA_RANK = 4096  # the toolkit trains rank 32; a rank past the model's width is not an adapter
 TOOLKIT_SCALE = 0.5  # alpha / rank = 16 / 32 in the toolkit's base-model config
 TOOLKIT_BASE_SIGNATURE = "9799725ff8e851184037110b422d891ad3b92ec1"  # BASE_SIGNATURE of toolkit 26.0.0
 FMADAPTER_WEIGHTS, FMADAPTER_METADATA = "adapter_weights.bin", "metadata.json"
@@ -213,6 +215,9 @@ def check_adapter(adapter: AdapterWeights, args: Any) -> None:
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if not adapter.tensors:
         raise AFMError(f"{adapter.source}: the adapter holds no LoRA tensors")
+    damaged = next((n for n, t in adapter.tensors.items() if not np.isfinite(t).all()), None)
+    if damaged is not None:  # NaN/inf would turn every logit NaN, silently: refuse at load, not at generation
+        raise AFMError(f"{adapter.source}: {damaged} holds NaN or infinite values; the adapter is damaged")
 
 
 # ---- toolkit checkpoints ----
@@ -354,14 +359,10 @@ def read_fmadapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = Path(path) / FMADAPTER_METADATA
     if not meta_file.is_file():
         raise AFMError(f"{path}: not a .fmadapter package: {FMADAPTER_METADATA} is missing")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AFMError(f"{meta_file}: invalid JSON ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("loraRank"), int) or meta["loraRank"] <= 0:
-        raise AFMError(f"{meta_file}: needs a positive integer `loraRank`")
-    if not isinstance(meta.get("baseModelSignature"), str):
-        raise AFMError(f"{meta_file}: needs a string `baseModelSignature`")
+    meta = read_json(meta_file)
+    if not 0 < require(meta, "loraRank", int, str(meta_file)) <= MAX_LORA_RANK:
+        raise AFMError(f"{meta_file}: `loraRank` {meta['loraRank']} is outside 1..{MAX_LORA_RANK}")
+    require(meta, "baseModelSignature", str, str(meta_file))
     return meta
 
 
@@ -523,16 +524,18 @@ def _read_mlx_config(path: Path) -> dict:
     config_file = path / MLX_CONFIG
     if not config_file.is_file() or not (path / MLX_WEIGHTS).is_file():
         raise AFMError(f"{path}: not an mlx-lm adapter directory ({MLX_WEIGHTS} and {MLX_CONFIG} needed)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise AFMError(f"{config_file}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise AFMError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
-        raise AFMError(f"{config_file}: fine_tune_type {kind!r}; only LoRA adapters are supported")
-    params = config.get("lora_parameters")
-    if not isinstance(params, dict) or not isinstance(params.get("rank"), int) or "scale" not in params:
-        raise AFMError(f"{config_file}: needs lora_parameters with an integer rank and a scale")
+        raise AFMError(f"{config_file}: fine_tune_type {repr(kind)[:40]}; only LoRA adapters are supported")
+    params = require(config, "lora_parameters", dict, str(config_file))
+    if not 0 < require(params, "rank", int, f"{config_file}: lora_parameters") <= MAX_LORA_RANK:
+        raise AFMError(f"{config_file}: lora_parameters.rank {params['rank']} is outside 1..{MAX_LORA_RANK}")
+    scale = require(params, "scale", (int, float), f"{config_file}: lora_parameters")
+    if not math.isfinite(scale):
+        raise AFMError(f"{config_file}: lora_parameters.scale must be finite, got {scale}")
     return config
 
 

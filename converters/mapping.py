@@ -321,7 +321,26 @@ def map_toolkit_state_dict(
     for key in keys:
         plan.place(key, _shape(tensors[key]))
     plan.check_complete()
-    return plan.result()
+    result = plan.result()
+    _check_float_dtypes(tensors, [*result.weights.values(), *result.lora.values()])
+    return result
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _dtype_name(tensor: Any) -> str:
+    """'float32' for a torch_zip tensor, a NumPy array or a torch tensor alike."""
+    return str(getattr(tensor, "dtype", "unknown")).removeprefix("torch.")
+
+
+def _check_float_dtypes(tensors: Mapping[str, Any], sources: list[WeightSource]) -> None:
+    """Weights and kv-quantizer ranges are floats in every toolkit file: an integer or bool tensor in their place
+    would be cast to float and could even be stored "exactly" on a grid, so it is refused, not converted."""
+    bad = [f"{s.key} ({_dtype_name(tensors[s.key])})" for s in sources
+           if _dtype_name(tensors[s.key]) not in FLOAT_DTYPES]
+    if bad:
+        raise AFMError(f"checkpoint does not match AFMTextV7: non-floating-point weights, {_listing(bad)}")
 
 
 class _Plan:

@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from afm_mlx.errors import AFMError
+from afm_mlx.model import ModelArgs, check_config_value
 
 from .mapping import (
     DEFAULT_RMS_NORM_EPS,
@@ -152,6 +153,7 @@ def convert_model(
 
     check_config(config) runs after the (cheap) mapping and before any tensor is converted."""
     mapped = map_toolkit_state_dict(checkpoint, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps)
+    ModelArgs.from_dict(mapped.config)  # the inferred config is one the loader accepts, before any tensor work
     if check_config is not None:
         check_config(mapped.config)
     check_tied_output(checkpoint, mapped)
@@ -323,6 +325,9 @@ def convert(
         raise AFMError("no output directory given")
     if recipe not in ("auto", "lossy"):
         raise AFMError(f"recipe must be 'auto' or 'lossy', got {recipe!r}")
+    for name, value in (("rope_theta", rope_theta), ("rope_theta", draft_rope_theta), ("rms_norm_eps", rms_norm_eps)):
+        if value is not None:
+            check_config_value(name, value)  # what config.json will say must load again
     sources = resolve_sources(source, base, draft, tokenizer)
     out = Path(out)
     if out.exists() and not force:
