@@ -44,6 +44,7 @@ REUSE_LAYER = {
     "attention.q_norm.query_norm.weight": "self_attn.q_norm.weight",
 }
 _KV_QUANT_PREFIX = "attention.kv_quantizer.{}_quantizer.activation_post_process."
+_WEIGHT_SUFFIXES = (".weight", ".bias")  # learned tensors: never ignored
 KV_SCALE = {"key": "self_attn.quant_key_scale", "value": "self_attn.quant_value_scale"}
 
 # LoRA-carrying modules: toolkit module -> our module (mlx-lm adapter layout: `<module>.lora_a[.k]`, `.lora_b[.k]`).
@@ -99,6 +100,7 @@ class MappedCheckpoint:
     lora: dict[str, WeightSource] = field(default_factory=dict)  # mlx-lm adapter names, e.g. `...qkv_proj.lora_a.0`
     ignored: list[str] = field(default_factory=list)  # source keys deliberately dropped
     tied_output: str | None = None  # source key of the tied output head, dropped after the tie check
+    unknown_buffers: list[str] = field(default_factory=list)  # kv-quantizer state we do not know, ignored
 
     def load(self, name: str, tensors: Mapping[str, Any]) -> np.ndarray:
         """Read one target (or LoRA) tensor from `tensors` and apply its transform."""
@@ -351,6 +353,7 @@ class _Plan:
         self.weights: dict[str, WeightSource] = {}
         self.lora: dict[str, WeightSource] = {}
         self.ignored: list[str] = []
+        self.unknown_buffers: list[str] = []
         self.tied_output: str | None = None
         self.problems: list[str] = []
         self.rank: int | None = None
@@ -384,6 +387,9 @@ class _Plan:
         self._assign(self.weights, f"model.{norm}", key, shape)
 
     def _place_kv_quant(self, key: str, prefix: str, rest: str, shape: tuple[int, ...]) -> bool:
+        """The `range` buffer becomes the layer's scale; the rest of a key/value quantizer's state is observer
+        bookkeeping (num_samples, and whatever else a FakeQuantize with EMA observers may carry: we have not
+        seen Apple's file), ignored and listed. A *weight* there, or another quantizer, stays an error."""
         for kind, target in KV_SCALE.items():
             base = _KV_QUANT_PREFIX.format(kind)
             if rest == base + "range":
@@ -391,6 +397,9 @@ class _Plan:
                 return True
             if rest == base + "num_samples":
                 self.ignored.append(key)  # observer bookkeeping, unused at inference
+                return True
+            if rest.startswith(f"attention.kv_quantizer.{kind}_quantizer.") and not rest.endswith(_WEIGHT_SUFFIXES):
+                self.unknown_buffers.append(key)
                 return True
         return False
 
@@ -418,6 +427,8 @@ class _Plan:
             into[target] = WeightSource(key, expected, transform)
 
     def check_complete(self) -> None:
+        if self.unknown_buffers and not self.config["kv_quant"]:
+            self.problems.append(f"kv_quantizer buffers without `range`, {_listing(self.unknown_buffers)}")
         missing = [_toolkit_name(t, self.draft_layout) for t in self.shapes if t not in self.attempted]
         if missing:
             self.problems.append(f"missing tensors {_listing(missing)}")
@@ -443,7 +454,8 @@ class _Plan:
         return targets
 
     def result(self) -> MappedCheckpoint:
-        return MappedCheckpoint(self.config, self.weights, self.lora, self.ignored, self.tied_output)
+        return MappedCheckpoint(self.config, self.weights, self.lora, self.ignored, self.tied_output,
+                                self.unknown_buffers)
 
 
 def _toolkit_name(target: str, draft_layout: bool) -> str:

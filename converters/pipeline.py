@@ -115,6 +115,7 @@ class ModelResult:
     tensors: list[dict[str, Any]] = field(default_factory=list)  # report rows
     lora: str = "none"
     ignored: list[str] = field(default_factory=list)
+    unknown_buffers: list[str] = field(default_factory=list)
     source_bytes: int = 0
     output_bytes: int = 0
 
@@ -158,7 +159,8 @@ def convert_model(
         check_config(mapped.config)
     check_tied_output(checkpoint, mapped)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = ModelResult(dict(mapped.config), ignored=list(mapped.ignored))
+    result = ModelResult(dict(mapped.config), ignored=list(mapped.ignored),
+                         unknown_buffers=list(mapped.unknown_buffers))
     writer = ShardWriter(out_dir, shard_bytes)
     total = sum(_nbytes(checkpoint[source.key]) for source in mapped.weights.values())
     try:
@@ -418,7 +420,9 @@ def _model_report(path: Path, result: ModelResult) -> dict[str, Any]:
         "source_bytes": result.source_bytes, "output_bytes": result.output_bytes,
         "tensors_exact": sum(r["exact"] for r in rows), "tensors_lossy": sum(not r["exact"] for r in rows),
         "max_abs_error": max((r["max_abs_error"] for r in rows), default=0.0),
-        "lora": result.lora, "ignored": result.ignored, "tensors": rows,
+        "lora": result.lora, "ignored": result.ignored,
+        "ignored_unknown_buffers": result.unknown_buffers,  # kv-quantizer state not in tamm's observer we read
+        "tensors": rows,
     }
 
 

@@ -78,6 +78,9 @@ def test_kv_scale_is_the_float32_formula():
     # the double formula differs in the last bit for some ranges: the fp32 one is what tamm uses
     double = [np.float32(max(float(r[0]) / -128, float(r[1]) / 127)) for r in ranges]
     assert any(g != d for g, d in zip(got, double))
+    # nor float32 division by (-128, 127): tamm's calculate_qparams multiplies by the float32 reciprocals
+    divided = [np.max(r / np.array([-128, 127], np.float32)) for r in ranges]
+    assert any(g != d for g, d in zip(got, divided))
 
 
 @pytest.mark.parametrize("edit, message", [
