@@ -177,7 +177,7 @@ def _normalize_message(message: Any) -> dict[str, str]:
     content = "" if content is None else content
     if not isinstance(content, str):
         raise AFMError(f"message content must be a string, got {type(content).__name__} in a {role!r} message")
-    if message.get("tool_calls"):
+    if message.get("tool_calls") is not None:  # tamm tests `is not None`: `tool_calls: []` renders an empty block
         content += f"<executable_start> ```function\n{_tool_calls_to_json(message['tool_calls'])}```<executable_end>"
     if message.get("response_format") is not None:
         content += _response_format_text(message["response_format"])

@@ -423,15 +423,20 @@ def write_fmadapter(adapter: AdapterWeights, out_dir: str | os.PathLike, name: s
     The scale is folded into B so that the device's fixed 0.5 reproduces the adapter; modules the adapter lacks are
     written as zeros (no change). Written to a temporary sibling and renamed at the end.
     """
-    name = name.removesuffix(".fmadapter")
-    if not name or "/" in name or os.sep in name or name.startswith("."):
+    stem = name.removesuffix(".fmadapter")
+    if not stem or "/" in stem or os.sep in stem or stem.startswith("."):
         raise AFMError(f"invalid adapter name {name!r}: use a plain file name")
+    if "-" in stem:
+        warnings.warn(f"adapter name {stem!r} has a hyphen: hyphens in adapter names are reported to make loading "
+                      "the .fmadapter on device fail; an underscore is safe", stacklevel=3)
     check_adapter(adapter, args)
-    target = Path(out_dir) / f"{name}.fmadapter"
+    target = Path(out_dir) / f"{stem}.fmadapter"
     if target.exists() and not overwrite:
         raise AFMError(f"{target} exists (pass overwrite=True / --overwrite to replace it)")
     arrays = _fmadapter_arrays(adapter, args)
     metadata = {
+        # The toolkit's exporter names the package NAME.fmadapter unless NAME already ends so, but builds the
+        # identifier from NAME as given: `-n x.fmadapter` gives `fmadapter-x.fmadapter-<sig>`. Kept as it is.
         "adapterIdentifier": f"fmadapter-{name}-{base_signature[:7]}",
         "author": author,
         "baseModelSignature": base_signature,

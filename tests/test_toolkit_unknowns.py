@@ -55,3 +55,44 @@ def test_observer_state_without_a_range_is_refused():
     sd = _with_extra_observer_state(sd)
     with pytest.raises(AFMError, match="without `range`"):
         map_toolkit_state_dict(sd)
+
+
+# ---- template and exporter parity ----
+
+
+def test_empty_tool_calls_render_tamms_empty_block():
+    from afm_mlx.tokenizer import render_chat_template
+
+    text = render_chat_template([{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "ok", "tool_calls": []}])
+    assert text.endswith("<turn_start> assistant<n>ok<executable_start> ```function\n[]```<executable_end><turn_end>")
+    absent = render_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}])
+    assert absent.endswith("<turn_start> assistant<n>ok<turn_end>")
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from adapter_fixtures import toolkit_lora
+    from afm_mlx.converters.adapter_formats import AdapterWeights, toolkit_key_to_name
+
+    sd = toolkit_lora(TINY, seed=1, rank=4)
+    tensors = {toolkit_key_to_name(k)[0]: v for k, v in sd.items()}
+    return AdapterWeights(tensors, 4, 0.5, "memory", "test")
+
+
+def test_exporter_identifier_keeps_a_fmadapter_suffix_as_the_toolkit_does(adapter, tmp_path):
+    from afm_mlx.converters.adapter_formats import write_fmadapter
+
+    path = write_fmadapter(adapter, tmp_path, "mail.fmadapter", TINY)
+    assert path == tmp_path / "mail.fmadapter"  # not mail.fmadapter.fmadapter
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["adapterIdentifier"] == "fmadapter-mail.fmadapter-9799725"  # the toolkit's f"fmadapter-{name}-..."
+    plain = write_fmadapter(adapter, tmp_path / "plain", "mail", TINY)
+    assert json.loads((plain / "metadata.json").read_text())["adapterIdentifier"] == "fmadapter-mail-9799725"
+
+
+def test_hyphenated_adapter_names_warn(adapter, tmp_path):
+    from afm_mlx.converters.adapter_formats import write_fmadapter
+
+    with pytest.warns(UserWarning, match="hyphen"):
+        write_fmadapter(adapter, tmp_path, "my-mail", TINY)
