@@ -85,15 +85,20 @@ def special_token_ids(sp: spm.SentencePieceProcessor) -> SpecialTokens:
     return SpecialTokens(**ids)
 
 
-def write_tokenizer_config(out_dir: str | os.PathLike, sp: spm.SentencePieceProcessor) -> Path:
-    """Write tokenizer_config.json (the special ids of `sp`) into out_dir; returns its path."""
+def write_tokenizer_config(out_dir: str | os.PathLike, sp: spm.SentencePieceProcessor,
+                           eot_id: int | None = None) -> Path:
+    """Write tokenizer_config.json (the special ids of `sp`, and the toolkit's `eot_id` when its tokenizer
+    configuration sets one) into out_dir; returns its path."""
     path = Path(out_dir) / CONFIG_FILE
     payload = {**special_token_ids(sp).as_dict(), "vocab_size": sp.get_piece_size()}
+    if eot_id is not None:
+        payload["eot_id"] = eot_id
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
-def _check_config(path: Path, found: SpecialTokens, vocab_size: int) -> None:
+def _check_config(path: Path, found: SpecialTokens, vocab_size: int) -> int | None:
+    """Every special id in the file must agree with tokenizer.model; returns the toolkit's eot_id, if set."""
     config = read_json(path)
     if not isinstance(config, dict):
         raise AFMError(f"{path} must hold a JSON object of special token ids")
@@ -104,6 +109,10 @@ def _check_config(path: Path, found: SpecialTokens, vocab_size: int) -> None:
                 f"{path} says {key}={value} but tokenizer.model has {expected[key]}: "
                 "the two files come from different tokenizers"
             )
+    eot = config.get("eot_id")
+    if eot is not None and (type(eot) is not int or not 0 <= eot < vocab_size):
+        raise AFMError(f"{path}: eot_id must be a token id below {vocab_size}, got {repr(eot)[:40]}")
+    return eot
 
 
 # ---- loading
@@ -123,7 +132,7 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     tokenizer = Tokenizer(sp)
     config = model_file.parent / CONFIG_FILE
     if config.is_file():
-        _check_config(config, tokenizer.special, tokenizer.vocab_size)
+        tokenizer.eot_id = _check_config(config, tokenizer.special, tokenizer.vocab_size)
     return tokenizer
 
 
@@ -251,6 +260,7 @@ class Tokenizer:
     def __init__(self, sp: spm.SentencePieceProcessor):
         self.sp = sp
         self.special = special_token_ids(sp)
+        self.eot_id: int | None = None  # set by load_tokenizer from tokenizer_config.json
         self._pieces = _PieceTable(sp)
         self._continuation_prefix = sp.encode(TURN_END)  # [dummy `▁`..., <turn_end>], see encode()
 
@@ -264,8 +274,10 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Generation ends on either of these: EOS and `<turn_end>`."""
-        return frozenset((self.eos_id, self.turn_end_id))
+        """Generation ends on either of these: EOS and `<turn_end>` (and the toolkit's eot_id, the toolkit's
+        generate.py's second stop id, when its tokenizer configuration names one)."""
+        extra = () if self.eot_id is None else (self.eot_id,)
+        return frozenset((self.eos_id, self.turn_end_id, *extra))
 
     def encode(self, text: str, *, dummy_prefix: bool = True) -> list[int]:
         """SentencePiece ids of text after `\\n` -> `<n>`.

@@ -38,6 +38,9 @@ from .mapping import (
     map_toolkit_state_dict,
 )
 from .quantize import Packed, QuantSetting, quantize_tensor, store_float
+from .toolkit_tokenizer import CONFIG_NAME as TOKENIZER_CONFIG_NAME
+from .toolkit_tokenizer import TokenizerExtension, check_eot, read_tokenizer_extension
+from .toolkit_tokenizer import extend as extend_tokenizer
 from .torch_zip import open_checkpoint
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -243,8 +246,24 @@ def _write_lora_if_nonzero(checkpoint, mapped: MappedCheckpoint, out_dir: Path) 
 # ---- tokenizer ----
 
 
-def _load_sentencepiece(tokenizer: Path):
-    """The SentencePiece model, with its AFM special pieces checked (before any weight is converted)."""
+@dataclass
+class ToolkitTokenizer:
+    """tokenizer.model as the toolkit loads it: extended by a tokenizer-config.json next to it, when there is one."""
+
+    sp: Any  # sentencepiece.SentencePieceProcessor
+    path: Path
+    config: Path | None = None
+    extension: TokenizerExtension | None = None
+    base_size: int = 0  # pieces in tokenizer.model itself
+
+    @property
+    def added_pieces(self) -> int:
+        return self.sp.get_piece_size() - self.base_size
+
+
+def _load_sentencepiece(tokenizer: Path) -> ToolkitTokenizer:
+    """The SentencePiece model (extended as tamm does), its AFM special pieces checked before any weight is
+    converted."""
     import sentencepiece as spm
 
     from afm_mlx.tokenizer import special_token_ids
@@ -254,25 +273,39 @@ def _load_sentencepiece(tokenizer: Path):
         sp.Load(str(tokenizer))
     except (OSError, RuntimeError) as err:
         raise AFMError(f"{tokenizer}: not a SentencePiece model ({str(err).splitlines()[0]})") from None
-    special_token_ids(sp)
-    return sp
+    loaded = ToolkitTokenizer(sp, tokenizer, base_size=sp.get_piece_size())
+    config = tokenizer.parent / TOKENIZER_CONFIG_NAME
+    if config.is_file():
+        loaded.config, loaded.extension = config, read_tokenizer_extension(config)
+        loaded.sp = extend_tokenizer(sp, loaded.extension, str(config))
+        check_eot(loaded.sp, loaded.extension, str(config))
+    try:
+        special_token_ids(loaded.sp)
+    except AFMError as err:
+        where = f" (after {config.name})" if loaded.config else f" (and no {TOKENIZER_CONFIG_NAME} next to it)"
+        raise AFMError(f"{tokenizer}{where}: {err}") from None
+    return loaded
 
 
-def _check_vocab(sp, tokenizer: Path | None, label: str) -> Callable[[dict[str, Any]], None]:
+def _check_vocab(tok: ToolkitTokenizer | None, label: str) -> Callable[[dict[str, Any]], None]:
     def check(config: dict[str, Any]) -> None:
-        if sp is not None and sp.get_piece_size() > config["vocab_size"]:
-            raise AFMError(f"{tokenizer} has {sp.get_piece_size()} pieces but the {label} model's vocabulary is "
+        if tok is not None and tok.sp.get_piece_size() > config["vocab_size"]:
+            raise AFMError(f"{tok.path} has {tok.sp.get_piece_size()} pieces but the {label} model's vocabulary is "
                            f"{config['vocab_size']}: wrong tokenizer or checkpoint")
     return check
 
 
-def _write_tokenizer(sp, tokenizer: Path, out_dir: Path) -> dict[str, int]:
-    """Copy tokenizer.model and write tokenizer_config.json with the special ids read from it."""
+def _write_tokenizer(tok: ToolkitTokenizer, out_dir: Path) -> dict[str, int]:
+    """tokenizer.model (the toolkit's bytes, or the extended model) and tokenizer_config.json with its special
+    ids (and the toolkit's eot_id, when its configuration sets one)."""
     from afm_mlx.tokenizer import special_token_ids, write_tokenizer_config
 
-    shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
-    write_tokenizer_config(out_dir, sp)
-    return special_token_ids(sp).as_dict()
+    if tok.added_pieces:
+        (out_dir / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    else:
+        shutil.copyfile(tok.path, out_dir / "tokenizer.model")
+    write_tokenizer_config(out_dir, tok.sp, eot_id=tok.extension.eot_id if tok.extension else None)
+    return special_token_ids(tok.sp).as_dict()
 
 
 # ---- the whole conversion ----
@@ -381,7 +414,7 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
     if sources.draft is not None:
         theta = rope_theta if draft_rope_theta is None else draft_rope_theta
         models.append(("draft", sources.draft, tmp / "draft", plans[1], theta))
-    sp = _load_sentencepiece(sources.tokenizer) if sources.tokenizer is not None else None
+    tok = _load_sentencepiece(sources.tokenizer) if sources.tokenizer is not None else None
     results: dict[str, ModelResult] = {}
     for label, path, out_dir, plan, theta in models:
         with open_checkpoint(path) as checkpoint:
@@ -393,7 +426,7 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
             try:
                 results[label] = convert_model(
                     checkpoint, out_dir, plan, rope_theta=theta, rms_norm_eps=rms_norm_eps, shard_bytes=shard_bytes,
-                    on_tensor=on_tensor, check_config=_check_vocab(sp, sources.tokenizer, label))
+                    on_tensor=on_tensor, check_config=_check_vocab(tok, label))
             except AFMError as err:
                 if path.name in str(err):
                     raise
@@ -403,11 +436,11 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
         raise AFMError(f"draft vocabulary {draft_result.config['vocab_size']} != base vocabulary "
                        f"{base.config['vocab_size']}: they cannot share a tokenizer")
     special = None
-    if sp is not None:
-        special = _write_tokenizer(sp, sources.tokenizer, tmp)
+    if tok is not None:
+        special = _write_tokenizer(tok, tmp)
         if draft_result is not None:
-            _write_tokenizer(sp, sources.tokenizer, tmp / "draft")
-    report = _report(sources, base, draft_result, special)
+            _write_tokenizer(tok, tmp / "draft")
+    report = _report(sources, base, draft_result, special, tok)
     if draft_result is not None:
         (tmp / "draft" / REPORT_FILE).write_text(json.dumps(report["draft"], indent=2) + "\n")
     return ConversionResult(tmp, base, draft_result, special, 0.0, report)
@@ -426,11 +459,16 @@ def _model_report(path: Path, result: ModelResult) -> dict[str, Any]:
     }
 
 
-def _report(sources: Sources, base: ModelResult, draft: ModelResult | None, special) -> dict[str, Any]:
+def _report(sources: Sources, base: ModelResult, draft: ModelResult | None, special,
+            tok: ToolkitTokenizer | None) -> dict[str, Any]:
+    tokenizer = None
+    if special:
+        tokenizer = {"source": str(sources.tokenizer), "special_ids": special,
+                     "toolkit_config": str(tok.config) if tok.config else None, "added_pieces": tok.added_pieces}
     return {
         "base": _model_report(sources.base, base),
         "draft": _model_report(sources.draft, draft) if draft is not None else None,
-        "tokenizer": {"source": str(sources.tokenizer), "special_ids": special} if special else None,
+        "tokenizer": tokenizer,
     }
 
 

@@ -96,3 +96,84 @@ def test_hyphenated_adapter_names_warn(adapter, tmp_path):
 
     with pytest.warns(UserWarning, match="hyphen"):
         write_fmadapter(adapter, tmp_path, "my-mail", TINY)
+
+
+# ---- the toolkit's tokenizer-config.json ----
+
+AFM_PIECES = ["<turn_start>", "<turn_end>", "<n>"]
+
+
+def _toolkit(root, tokenizer_config=None, specials=None, layout="assets"):
+    """A toolkit dir whose tokenizer.model has `specials` trained in and, optionally, a tokenizer-config.json."""
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    where = root / layout if layout else root
+    build_tiny_tokenizer(where, special_pieces=AFM_PIECES if specials is None else specials)
+    if tokenizer_config is not None:
+        (where / "tokenizer-config.json").write_text(json.dumps(tokenizer_config))
+    save_checkpoint(where / "base-model.pt", synthetic_dict(tiny_base(vocab_size=512), seed=3).items())
+    return root
+
+
+def _load_converted(out):
+    from afm_mlx.tokenizer import load_tokenizer
+
+    return load_tokenizer(out), json.loads((out / "tokenizer_config.json").read_text())
+
+
+TAMM_CONFIG = {  # the shape tamm's JSON gives a tokenizer config: a type tag and the AFMTokenizer arguments
+    "__tamm_type__": "tokenizers:AFMTokenizerConfig",
+    "user_defined_tokens": AFM_PIECES,
+    "extra_properties": {"eot_id": None},
+}
+
+
+@pytest.mark.parametrize("layout", ["assets", ""])
+def test_special_pieces_from_the_toolkit_tokenizer_config(tmp_path, layout):
+    root = _toolkit(tmp_path / "tk", TAMM_CONFIG, specials=[], layout=layout)
+    source = root / layout / "tokenizer.model" if layout else root / "tokenizer.model"
+    with pytest.raises(AFMError, match="no <turn_start> piece"):  # tokenizer.model alone is not enough
+        from afm_mlx.tokenizer import load_tokenizer
+        load_tokenizer(source)
+    result = convert(root, tmp_path / "out")
+    tok, saved = _load_converted(tmp_path / "out")
+    base = tok.vocab_size - 3
+    assert [tok.turn_start_id, tok.turn_end_id, tok.newline_id] == [base, base + 1, base + 2]  # appended in order
+    assert [tok.sp.get_score(i) for i in range(base, base + 3)] == [0.0] * 3
+    assert all(tok.sp.is_control(i) is False and tok.sp.is_unknown(i) is False for i in range(base, base + 3))
+    assert tok.encode_prompt("Hi\nthere")[-1] != tok.sp.unk_id()
+    assert "\n" in tok.decode(tok.encode("a\nb")) and result.report["tokenizer"]["added_pieces"] == 3
+    assert "eot_id" not in saved
+
+
+def test_pad_vocab_size_to_and_eot_id(tmp_path):
+    config = {"tokenizer": {"user_defined_tokens": ["<extra_a>"], "pad_vocab_size_to": 420,
+                            "extra_properties": {"eot_id": 5}}}  # nested one level, as a wrapped tamm config
+    _toolkit(tmp_path / "tk", config)
+    convert(tmp_path / "tk", tmp_path / "out")
+    tok, saved = _load_converted(tmp_path / "out")
+    assert tok.vocab_size == 420 and saved["eot_id"] == 5 and 5 in tok.stop_ids
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size - 4, tok.vocab_size)]
+    assert pieces[0] != "<extra_a>" and tok.id_to_piece(tok.vocab_size - 1) == "<extra_id_0>"
+    first_pad = next(i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("<extra_id_"))
+    assert tok.id_to_piece(first_pad - 1) == "<extra_a>"  # user tokens first, then <extra_id_N> down to 0
+    assert tok.id_to_piece(first_pad) == f"<extra_id_{tok.vocab_size - 1 - first_pad}>"
+
+
+def test_without_a_tokenizer_config_the_model_file_is_copied_as_is(tmp_path):
+    root = _toolkit(tmp_path / "tk")
+    result = convert(root, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (root / "assets" / "tokenizer.model").read_bytes()
+    assert result.report["tokenizer"]["toolkit_config"] is None and result.report["tokenizer"]["added_pieces"] == 0
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"user_defined_tokens": "<n>"}, "list of non-empty strings"),
+    ({"pad_vocab_size_to": "400"}, "pad_vocab_size_to"),
+    ({"extra_properties": {"eot_id": 10**6}}, "eot_id"),
+    ({"user_defined_tokens": ["<n>"]}, "cannot add"),  # already a piece of tokenizer.model
+])
+def test_bad_toolkit_tokenizer_config(tmp_path, config, match):
+    _toolkit(tmp_path / "tk", config)
+    with pytest.raises(AFMError, match=match):
+        convert(tmp_path / "tk", tmp_path / "out")
