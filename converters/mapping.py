@@ -180,16 +180,6 @@ def _layer_count(sorted_keys: _Sorted, kind: str) -> int:
 # ---- config inference ----
 
 
-def infer_config(
-    tensors: Mapping[str, Any],
-    *,
-    rope_theta: float = DEFAULT_ROPE_THETA,
-    rms_norm_eps: float = DEFAULT_RMS_NORM_EPS,
-) -> dict[str, Any]:
-    """ModelArgs fields (mlx-lm afm7 names, plus `kv_quant`) recovered from key names and shapes."""
-    return _infer_config(tensors, _classify(list(tensors.keys())), rope_theta, rms_norm_eps)
-
-
 def _infer_config(tensors, sorted_keys: _Sorted, rope_theta: float, rms_norm_eps: float) -> dict[str, Any]:
     if "embedding.weight" not in sorted_keys.top:
         raise AFMError("not an AFMTextV7 checkpoint: no `embedding.weight` tensor")

@@ -12,7 +12,7 @@ group 32.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -162,12 +162,6 @@ def synthetic_thunks(
     if tied_output:
         items.append(("output_transform.weight", embedding))
     return items
-
-
-def synthetic_state_dict(config: Any, **options: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """Lazily yield (toolkit name, float32/int64 array), one tensor at a time; see `synthetic_thunks`."""
-    for name, thunk in synthetic_thunks(config, **options):
-        yield name, thunk()
 
 
 def synthetic_dict(config: Any, **options: Any) -> dict[str, np.ndarray]:
