@@ -1,6 +1,6 @@
 """AFMTextV7: Apple's on-device foundation model (base and draft) in MLX.
 
-Written from ../shared/docs/afm-format.md section 4 (the tamm numerics). Parameter names follow mlx-lm's
+Written from docs/format.md section 4 (the tamm numerics). Parameter names follow mlx-lm's
 `afm7` module so model directories are interchangeable. Shapes: B batch, L new tokens, S cached tokens,
 H query heads, KV key/value heads, D head dim.
 

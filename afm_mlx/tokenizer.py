@@ -1,6 +1,6 @@
 """AFM tokenizer: SentencePiece with `\\n` <-> `<n>`, the V6 chat template, prompt ids and streaming detokenization.
 
-Facts from the toolkit (docs/afm-format.md section 5):
+Facts from the toolkit (docs/format.md section 5):
 - text is encoded after replacing every `\\n` with the user-defined piece `<n>`; decoding maps `<n>` back to `\\n`
   (also when a model spells `<n>` out of ordinary pieces, as tamm's whole-text find-and-replace does);
 - a prompt is `[eos] + encode(text)[1:]`: the first token (SentencePiece's dummy-prefix `▁` in front of

@@ -1,6 +1,6 @@
 """Read and write AFMTextV7 LoRA adapters: toolkit checkpoints, `.fmadapter` packages, mlx-lm adapter directories.
 
-Spec: shared/docs/afm-format.md section 3. Every format is read into one in-memory form, `AdapterWeights`:
+Spec: docs/format.md section 3. Every format is read into one in-memory form, `AdapterWeights`:
 float32 NumPy tensors under mlx-lm's adapter names, meaning y = W x + scale * (x A) B for each adapted projection:
 
     model.layers.{i}.self_attn.qkv_proj.lora_a.{k}   [in, r]      k = 0, 1, 2: Q, K, V (fused projection)

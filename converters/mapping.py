@@ -1,6 +1,6 @@
 """Map an adapter-toolkit (tamm) AFMTextV7 state dict onto the mlx-lm `afm7` parameter names.
 
-Spec: shared/docs/afm-format.md sections 1 and 7. The mapping is decided from names and shapes alone
+Spec: docs/format.md sections 1 and 7. The mapping is decided from names and shapes alone
 (`map_toolkit_state_dict`), so a 12.7 GB checkpoint is planned without reading any tensor data; the data is
 then pulled one tensor at a time through `MappedCheckpoint.load`.
 

@@ -45,7 +45,7 @@ from .torch_zip import open_checkpoint
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 REPORT_FILE = "conversion_report.json"
-LORA_SCALE = 0.5  # alpha 16 / rank 32 (afm-format.md 3.1)
+LORA_SCALE = 0.5  # alpha 16 / rank 32 (docs/format.md 3.1)
 # (setting name, toolkit file name); looked up under TOOLKIT_DIR/assets/ first, then TOOLKIT_DIR/
 TOOLKIT_FILES = {"base": "base-model.pt", "draft": "draft-model.pt", "tokenizer": "tokenizer.model"}
 
@@ -388,7 +388,7 @@ def convert(
 
 # The draft's fewest bits where its weights lie on no grid (unless --draft-bits says otherwise): Apple's
 # draft-model.pt is float, not QAT-trained, and 2-bit would cost acceptance; Apple's own draft export stores
-# 4-bit weights (afm-format.md 3.4). A --bits of 4 or more (or float) applies to the draft as given.
+# 4-bit weights (docs/format.md 3.4). A --bits of 4 or more (or float) applies to the draft as given.
 DRAFT_MIN_BITS = 4
 
 

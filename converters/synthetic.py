@@ -1,6 +1,6 @@
 """Synthetic adapter-toolkit (tamm) state dicts for any AFMTextV7 config: test fixtures and the memory benchmark.
 
-Tensors come out one at a time, in the toolkit's state-dict order (afm-format.md sections 1.1, 1.3, 3.3), so
+Tensors come out one at a time, in the toolkit's state-dict order (docs/format.md sections 1.1, 1.3, 3.3), so
 a full-size 12.7 GB checkpoint can be streamed to disk without ever being held in memory. Every tensor is
 drawn from its own seeded generator, so any tensor can be regenerated on its own.
 

@@ -24,7 +24,7 @@ def test_full_size_layout_matches_spec_counts():
     frozen = sum(int(np.prod(t.shape)) for n, t in items
                  if "adapters" not in n and "quantizer" not in n and n != "output_transform.weight")
     lora = sum(int(np.prod(t.shape)) for n, t in items if "adapters" in n)
-    assert (frozen, lora) == (3_111_368_064, 66_633_728)  # afm-format.md 1.4
+    assert (frozen, lora) == (3_111_368_064, 66_633_728)  # docs/format.md 1.4
     mapped = map_toolkit_state_dict(dict(items))
     assert {k: v for k, v in mapped.config.items() if k in BASE} == BASE
     assert mapped.config["kv_quant"] and len(mapped.lora) == 700
