@@ -106,7 +106,7 @@ def _check_config(path: Path, found: SpecialTokens, vocab_size: int) -> int | No
     for key, value in config.items():
         if key in expected and value != expected[key]:
             raise AFMError(
-                f"{path} says {key}={value} but tokenizer.model has {expected[key]}: "
+                f"{path} says {key}={value!r:.40} but tokenizer.model has {expected[key]}: "
                 "the two files come from different tokenizers"
             )
     eot = config.get("eot_id")

@@ -87,7 +87,8 @@ def test_config_json_that_is_not_strict_json(tmp_path, text, match):
 
 def test_malformed_tokenizer_config(tmp_path):
     shutil.copy(DEMO_MODEL_DIR / "tokenizer.model", tmp_path)
-    for text, match in [(DEEP, "nested too deeply"), (b"\xfe\xff", "not UTF-8"), ('{"eos_id": 1e999}', "eos_id")]:
+    for text, match in [(DEEP, "nested too deeply"), (b"\xfe\xff", "not UTF-8"), ('{"eos_id": 1e999}', "eos_id"),
+                        ('{"eos_id": "1"}', "eos_id='1' but"), ('{"eot_id": true}', "eot_id must be a token id")]:
         (tmp_path / "tokenizer_config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
         one_line(lambda: load_tokenizer(tmp_path), match)
 

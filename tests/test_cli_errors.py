@@ -60,3 +60,14 @@ def test_unexpected_exceptions_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(afm_mlx.report, "presets_table", broken)
     result = run("info")
     assert isinstance(result.exception, ZeroDivisionError)  # not turned into a one-line "error:"
+
+
+def test_permission_errors_are_one_line(monkeypatch, tmp_path):
+    # Tests run as root here, so chmod cannot make a file unreadable: the read itself is made to fail.
+    import afm_mlx.loading
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(afm_mlx.loading, "read_weights", denied)
+    assert_one_line(run("generate", "hi", "-n", 1), 1, "Permission denied")
