@@ -5,12 +5,14 @@ Bad input ends in exactly one line on stderr, never a traceback (`_OneLineErrors
   UnicodeError (text that is not UTF-8);
 - `error: ... (see `afm-mlx CMD --help`)` and exit code 2 for a usage error click finds (an unknown option,
   `--temp hot`, `-n abc`).
+Warnings are one `warning: ...` line each.
 Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -35,12 +37,19 @@ def _error_line(err: BaseException) -> str:
     return f"error: {text}"
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (an untrained adapter, a hyphenated name) as one `warning:` line, without Python's source line."""
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
 class _OneLineErrors(TyperGroup):
     """Runs a command and turns expected errors into one stderr line (see the module docstring)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():  # restores Python's own display afterwards
+                warnings.showwarning = _warning_line
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NO_ARGS_IS_HELP as err:
             typer.echo(err.ctx.get_help(), err=True)
             code = USAGE_EXIT_CODE

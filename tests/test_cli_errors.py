@@ -71,3 +71,13 @@ def test_permission_errors_are_one_line(monkeypatch, tmp_path):
 
     monkeypatch.setattr(afm_mlx.loading, "read_weights", denied)
     assert_one_line(run("generate", "hi", "-n", 1), 1, "Permission denied")
+
+
+def test_warnings_are_one_line(monkeypatch):
+    import warnings
+
+    import afm_mlx.report
+
+    monkeypatch.setattr(afm_mlx.report, "presets_table", lambda *a: warnings.warn("careful:\n  two lines"))
+    result = run("info")
+    assert result.exit_code == 0 and result.stderr.strip() == "warning: careful: two lines"
