@@ -423,12 +423,7 @@ def write_fmadapter(adapter: AdapterWeights, out_dir: str | os.PathLike, name: s
     The scale is folded into B so that the device's fixed 0.5 reproduces the adapter; modules the adapter lacks are
     written as zeros (no change). Written to a temporary sibling and renamed at the end.
     """
-    stem = name.removesuffix(".fmadapter")
-    if not stem or "/" in stem or os.sep in stem or stem.startswith("."):
-        raise AFMError(f"invalid adapter name {name!r}: use a plain file name")
-    if "-" in stem:
-        warnings.warn(f"adapter name {stem!r} has a hyphen: hyphens in adapter names are reported to make loading "
-                      "the .fmadapter on device fail; an underscore is safe", stacklevel=3)
+    stem = _check_export_options(name, base_signature, draft_token_count)
     check_adapter(adapter, args)
     target = Path(out_dir) / f"{stem}.fmadapter"
     if target.exists() and not overwrite:
@@ -460,6 +455,28 @@ def write_fmadapter(adapter: AdapterWeights, out_dir: str | os.PathLike, name: s
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+_SIGNATURE = re.compile(r"^[0-9a-f]{7,64}$")  # toolkit 26.0.0's is a 40-digit hex digest; the id uses [:7]
+
+
+def _check_export_options(name: str, base_signature: str, draft_token_count: int) -> str:
+    """The package name without `.fmadapter`, after checking what metadata.json will say."""
+    stem = name.removesuffix(".fmadapter")
+    if not stem or "/" in stem or os.sep in stem or stem.startswith(".") or not stem.isprintable():
+        raise AFMError(f"invalid adapter name {name!r}: use a plain file name")
+    try:
+        stem.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AFMError(f"invalid adapter name {name!r}: not valid UTF-8") from None
+    if "-" in stem:
+        warnings.warn(f"adapter name {stem!r} has a hyphen: hyphens in adapter names are reported to make loading "
+                      "the .fmadapter on device fail; an underscore is safe", stacklevel=4)
+    if not isinstance(base_signature, str) or not _SIGNATURE.match(base_signature):
+        raise AFMError(f"base signature {base_signature!r:.50} is not a lowercase hex digest (7 to 64 digits)")
+    if type(draft_token_count) is not int or not 1 <= draft_token_count <= 64:
+        raise AFMError(f"speculative draft token count must be an integer in 1..64, got {draft_token_count!r}")
+    return stem
 
 
 def _fmadapter_arrays(adapter: AdapterWeights, args: Any) -> list[np.ndarray]:

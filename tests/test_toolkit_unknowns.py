@@ -177,3 +177,17 @@ def test_bad_toolkit_tokenizer_config(tmp_path, config, match):
     _toolkit(tmp_path / "tk", config)
     with pytest.raises(AFMError, match=match):
         convert(tmp_path / "tk", tmp_path / "out")
+
+
+@pytest.mark.parametrize("option, match", [
+    (dict(draft_token_count=-1), "draft token count"), (dict(draft_token_count=0), "draft token count"),
+    (dict(base_signature=""), "hex digest"), (dict(base_signature="XYZ1234"), "hex digest"),
+    (dict(name="bad\udcff"), "adapter name"), (dict(name="two\nlines"), "adapter name"),
+])
+def test_export_options_metadata_json_could_not_carry(adapter, tmp_path, option, match):
+    from afm_mlx.converters.adapter_formats import write_fmadapter
+
+    options = {"name": "mail", **option}
+    with pytest.raises(AFMError, match=match):
+        write_fmadapter(adapter, tmp_path, options.pop("name"), TINY, **options)
+    assert not list(tmp_path.iterdir())  # nothing half-written
