@@ -4,7 +4,7 @@
     set_active_adapter(model, name)                          # or None: the plain base, no LoRA compute at all
     with using_adapter(model, "other"): ...                  # for one call, previous adapter restored after
 
-Each adapted projection computes y = W x + scale * (x A) B without touching W (afm-format.md 3.1), so a 2-bit base
+Each adapted projection computes y = W x + scale * (x A) B without touching W (docs/format.md 3.1), so a 2-bit base
 keeps the adapter exact: fusing W + scale * (A B)^T into 2-bit weights would re-quantize it and erase the adapter.
 `LoRALinear` wraps the model's Linear / QuantizedLinear and returns the same [.., out] tensor the model expects; for
 the fused Q|K|V projection one block-diagonal B adds the Q, K and V LoRAs to their own column blocks. Wrappers are

@@ -68,8 +68,3 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the valid positions (K and V)."""
         return sum(a.nbytes for a in self.state)
-
-    @property
-    def allocated_bytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-

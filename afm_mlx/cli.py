@@ -1,19 +1,78 @@
 """The `afm-mlx` command line: thin typer wrappers over library functions whose parameters match the flags.
 
-Each command catches AFMError and prints it as a single line (exit code 1); see `_fail`.
+Bad input ends in exactly one line on stderr, never a traceback (`_OneLineErrors`, the one place that decides):
+- `error: ...` and exit code 1 for a bad file or value: AFMError, OSError (missing, unreadable, a device file),
+  UnicodeError (text that is not UTF-8);
+- `error: ... (see `afm-mlx CMD --help`)` and exit code 2 for a usage error click finds (an unknown option,
+  `--temp hot`, `-n abc`).
+Warnings are one `warning: ...` line each.
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # recent typer vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors
 
 from .errors import AFMError
 
+# Exception classes that mean "bad input" wherever they come from (a library call may raise them unwrapped).
+EXPECTED_ERRORS = (AFMError, OSError, UnicodeError)
+_NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())  # click >= 8.2 only
+USAGE_EXIT_CODE = 2  # click's convention, kept: scripts can tell a mistyped command line from bad data
+
+
+def _error_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message held
+    return f"error: {text}"
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (an untrained adapter, a hyphenated name) as one `warning:` line, without Python's source line."""
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+class _OneLineErrors(TyperGroup):
+    """Runs a command and turns expected errors into one stderr line (see the module docstring)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            with warnings.catch_warnings():  # restores Python's own display afterwards
+                warnings.showwarning = _warning_line
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as err:
+            typer.echo(err.ctx.get_help(), err=True)
+            code = USAGE_EXIT_CODE
+        except click_errors.UsageError as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            typer.echo(_error_line(err.format_message()) + where, err=True)
+            code = USAGE_EXIT_CODE
+        except click_errors.ClickException as err:
+            typer.echo(_error_line(err.format_message()), err=True)
+            code = err.exit_code
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            code = 1
+        except EXPECTED_ERRORS as err:
+            typer.echo(_error_line(err), err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Run Apple's on-device foundation model (AFMTextV7), its draft model and adapters with MLX.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -24,11 +83,6 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """afm-mlx: Apple's on-device foundation model on MLX. See each command's --help."""
-
-
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(1)
 
 
 # ---- commands (one block each; keep them thin) ----
@@ -69,21 +123,17 @@ def bench(
     """
     from .bench import parse_floats, parse_ints, run_workloads
 
-    try:
-        names = ["tiny"] if tiny else (["model"] if model else ["demo"] if demo else []) + (["full"] if full else [])
-        if not names:
-            raise AFMError("nothing to benchmark: --no-demo needs --full or --model")
-        overrides = {"trials": trials, "warmup": warmup, "max_tokens": max_tokens,
-                     "decode_prompt_length": decode_prompt_length,
-                     "prompt_lengths": parse_ints(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
-                     "ks": parse_ints(ks, "--ks") if ks else None,
-                     "temperatures": parse_floats(temperatures, "--temperatures") if temperatures else None,
-                     "engines": [e.strip() for e in engines.split(",")] if engines else None, "adapter": adapter,
-                     "guided": guided,
-                     "time_budget_s": time_budget}
-        run_workloads(names, model_dir=model, prompts=prompts, out_dir=out, plots=plots, overrides=overrides)
-    except AFMError as err:
-        _fail(err)
+    names = ["tiny"] if tiny else (["model"] if model else ["demo"] if demo else []) + (["full"] if full else [])
+    if not names:
+        raise AFMError("nothing to benchmark: --no-demo needs --full or --model")
+    overrides = {"trials": trials, "warmup": warmup, "max_tokens": max_tokens,
+                 "decode_prompt_length": decode_prompt_length,
+                 "prompt_lengths": parse_ints(prompt_lengths, "--prompt-lengths") if prompt_lengths else None,
+                 "ks": parse_ints(ks, "--ks") if ks else None,
+                 "temperatures": parse_floats(temperatures, "--temperatures") if temperatures else None,
+                 "engines": [e.strip() for e in engines.split(",")] if engines else None, "adapter": adapter,
+                 "guided": guided, "time_budget_s": time_budget}
+    run_workloads(names, model_dir=model, prompts=prompts, out_dir=out, plots=plots, overrides=overrides)
 
 
 _MODEL_HELP = ("Model directory from `afm-mlx convert` (default: the embedded small demo model, trained by this "
@@ -171,13 +221,10 @@ def generate(
     options = _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
                                   num_draft_tokens, adaptive_draft, stop, max_context)
     options.update(system=system, raw=raw)
-    try:
-        options.update(_guided(json_schema, regex, grammar, tools, tool_choice, parallel_tool_calls))
-        run_generate(prompt, model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats,
-                     options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr,
-                     adapters=[str(adapter)] if adapter else [], allow_signature_mismatch=allow_signature_mismatch)
-    except AFMError as err:
-        _fail(err)
+    options.update(_guided(json_schema, regex, grammar, tools, tool_choice, parallel_tool_calls))
+    run_generate(prompt, model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats,
+                 options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr,
+                 adapters=[str(adapter)] if adapter else [], allow_signature_mismatch=allow_signature_mismatch)
 
 
 @app.command()
@@ -214,13 +261,10 @@ def chat(
 
     options = _generation_options(max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
                                   num_draft_tokens, adaptive_draft, None, max_context)
-    try:
-        options.update(_guided(json_schema, regex, grammar, tools, tool_choice, parallel_tool_calls))
-        run_chat(model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats, system=system,
-                 options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, adapters=adapter,
-                 allow_signature_mismatch=allow_signature_mismatch)
-    except AFMError as err:
-        _fail(err)
+    options.update(_guided(json_schema, regex, grammar, tools, tool_choice, parallel_tool_calls))
+    run_chat(model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats, system=system,
+             options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, adapters=adapter,
+             allow_signature_mismatch=allow_signature_mismatch)
 
 
 @app.command("export-adapter")
@@ -250,11 +294,8 @@ def export_adapter(
 
     meta = dict(author=author, description=description, license=license, base_signature=base_signature,
                 draft_token_count=draft_token_count) if to == "fmadapter" else {}
-    try:
-        path = run_export(adapter, output_dir, name, model=model, to=to, overwrite=overwrite,
-                          allow_signature_mismatch=allow_signature_mismatch, **meta)
-    except (AFMError, OSError) as err:
-        _fail(err)
+    path = run_export(adapter, output_dir, name, model=model, to=to, overwrite=overwrite,
+                      allow_signature_mismatch=allow_signature_mismatch, **meta)
     typer.echo(f"wrote {path}")
 
 
@@ -293,19 +334,16 @@ def convert(
     from afm_mlx.converters.summary import conversion_progress, print_summary
 
     if len(paths) > 2:
-        _fail(AFMError("expected [TOOLKIT_DIR] OUT_DIR"))
+        raise click_errors.UsageError("expected [TOOLKIT_DIR] OUT_DIR")
     source, out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
-    try:
-        with conversion_progress(Console(stderr=True)) as progress:
-            result = run_convert(
-                source, out, base=base, draft=draft, tokenizer=tokenizer, force=force, recipe=recipe, bits=bits,
-                group_size=group_size, embedding_bits=embedding_bits, embedding_group_size=embedding_group_size,
-                draft_bits=draft_bits, draft_group_size=draft_group_size, draft_embedding_bits=draft_embedding_bits,
-                draft_embedding_group_size=draft_embedding_group_size, overrides=override,
-                draft_overrides=draft_override, rope_theta=rope_theta, draft_rope_theta=draft_rope_theta,
-                progress=progress)
-    except (AFMError, OSError) as err:
-        _fail(err)
+    with conversion_progress(Console(stderr=True)) as progress:
+        result = run_convert(
+            source, out, base=base, draft=draft, tokenizer=tokenizer, force=force, recipe=recipe, bits=bits,
+            group_size=group_size, embedding_bits=embedding_bits, embedding_group_size=embedding_group_size,
+            draft_bits=draft_bits, draft_group_size=draft_group_size, draft_embedding_bits=draft_embedding_bits,
+            draft_embedding_group_size=draft_embedding_group_size, overrides=override,
+            draft_overrides=draft_override, rope_theta=rope_theta, draft_rope_theta=draft_rope_theta,
+            progress=progress)
     print_summary(result, Console())
 
 
@@ -317,15 +355,8 @@ def info(
     """Sizes of the model presets: layers, parameters, weight bytes per quantization, KV bytes per token."""
     from .report import presets_table
 
-    try:
-        presets_table(preset or None, lora_rank)
-    except AFMError as err:
-        _fail(err)
+    presets_table(preset or None, lora_rank)
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    try:
-        app()
-    except AFMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    app()

@@ -7,7 +7,6 @@ quantized only when its `.scales` tensor is present, so mixed directories load w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +15,7 @@ import mlx.nn as nn
 from . import cpu, kernels
 from .dtypes import compute_dtype
 from .errors import AFMError
+from .jsonfile import read_json
 from .model import Model, ModelArgs
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
@@ -28,10 +28,36 @@ def read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise AFMError(f"{path} is not a model directory: config.json is missing (convert toolkit checkpoints "
                        "with `afm-mlx convert` first)")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise AFMError(f"{config_file}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise AFMError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    check_quantization(config.get("quantization"), config_file)
+    return config
+
+
+_QUANT_BITS, _QUANT_GROUPS = (2, 3, 4, 5, 6, 8), (32, 64, 128)
+
+
+def check_quantization(quantization, where: Path) -> None:
+    """mlx-lm's `quantization` block: absent/null, or default bits/group_size plus per-module dicts or false."""
+    if quantization is None:
+        return
+    if not isinstance(quantization, dict):
+        raise AFMError(f"{where}: `quantization` must be an object, got {type(quantization).__name__}")
+    _check_setting(quantization, where, "quantization", defaults=True)
+    for key, value in quantization.items():
+        if isinstance(value, dict):
+            _check_setting(value, where, f"quantization.{key}")
+        elif key not in ("bits", "group_size") and not isinstance(value, str) and value is not False:
+            raise AFMError(f"{where}: quantization.{key} must be an object or false, got {repr(value)[:40]}")
+
+
+def _check_setting(setting: dict, where: Path, label: str, defaults: bool = False) -> None:
+    for key, allowed in (("bits", _QUANT_BITS), ("group_size", _QUANT_GROUPS)):
+        value = setting.get(key)
+        if (value is None and not defaults) or (value is not None and (type(value) is not int or value not in allowed)):
+            raise AFMError(f"{where}: {label}.{key} must be one of {', '.join(map(str, allowed))}, "
+                           f"got {repr(value)[:40]}")
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:

@@ -1,6 +1,6 @@
 """AFMTextV7: Apple's on-device foundation model (base and draft) in MLX.
 
-Written from ../shared/docs/afm-format.md section 4 (the tamm numerics). Parameter names follow mlx-lm's
+Written from docs/format.md section 4 (the tamm numerics). Parameter names follow mlx-lm's
 `afm7` module so model directories are interchangeable. Shapes: B batch, L new tokens, S cached tokens,
 H query heads, KV key/value heads, D head dim.
 
@@ -24,6 +24,40 @@ from .kv import KVHistory, attend, int8_codes
 from .errors import AFMError
 
 
+# config.json fields: (type, smallest, largest). Ints are checked inclusively, floats must be finite, above the
+# smallest and at most the largest. The limits are far beyond any AFM model (3B: vocab 153,600, hidden 2,048,
+# 56 layers, 16 heads) and there so that a hostile config is refused before it builds millions of layers.
+CONFIG_LIMITS = {
+    "vocab_size": (int, 1, 1 << 21),
+    "hidden_dim": (int, 1, 1 << 16),
+    "num_layers": (int, 1, 1024),
+    "num_kv_reuse_layers": (int, 0, 1023),
+    "num_heads": (int, 1, 1024),
+    "num_kv_heads": (int, 1, 1024),
+    "hidden_dim_scale_factor": (float, 0.0, 64.0),
+    "rope_theta": (float, 0.0, 1e12),
+    "rms_norm_eps": (float, 0.0, 1.0),
+    "kv_quant": (bool, None, None),
+    "model_type": (str, None, None),
+}
+
+
+def check_config_value(name: str, value) -> None:
+    """AFMError unless `value` has the type and range CONFIG_LIMITS gives `name` (bools are not numbers here)."""
+    kind, lo, hi = CONFIG_LIMITS[name]
+    shown = repr(value)[:40]  # a 4,000-digit integer is not echoed whole
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (numeric if kind is float else isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+        raise AFMError(f"invalid model config: {name} must be {_KIND_NAMES[kind]}, got {shown}")
+    if kind is int and not lo <= value <= hi:
+        raise AFMError(f"invalid model config: {name} = {shown} is outside [{lo}, {hi}]")
+    if kind is float and not (math.isfinite(value) and lo < value <= hi):
+        raise AFMError(f"invalid model config: {name} = {shown} must be finite, > {lo:g} and <= {hi:g}")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int
@@ -40,10 +74,15 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
+        """ModelArgs from a config.json object: every field type- and range-checked before anything is built."""
+        if not isinstance(config, dict):
+            raise AFMError(f"config.json must hold a JSON object, got {type(config).__name__}")
         names = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in config]
         if missing:
             raise AFMError(f"config.json lacks required field(s): {', '.join(missing)}")
+        for name in names & config.keys():
+            check_config_value(name, config[name])
         args = cls(**{k: v for k, v in config.items() if k in names})
         args.validate()
         return args

@@ -6,10 +6,10 @@ formula against a built tiny model.
 
 from .model import ModelArgs
 
-# AFMTextV7.create_basic_builder defaults (afm-format.md 1.1): 35 regular + 21 KV-reuse layers.
+# AFMTextV7.create_basic_builder defaults (docs/format.md 1.1): 35 regular + 21 KV-reuse layers.
 BASE_3B = ModelArgs(vocab_size=153600, hidden_dim=2048, num_layers=56, num_kv_reuse_layers=21,
                     num_heads=16, num_kv_heads=2, hidden_dim_scale_factor=3.25)
-# Draft (afm-format.md 1.2): 12 uniform layers, head dim 32, 4 KV heads.
+# Draft (docs/format.md 1.2): 12 uniform layers, head dim 32, 4 KV heads.
 DRAFT_48M = ModelArgs(vocab_size=153600, hidden_dim=256, num_layers=12, num_kv_reuse_layers=0,
                       num_heads=8, num_kv_heads=4, hidden_dim_scale_factor=3.0)
 LORA_RANK = 32

@@ -17,6 +17,8 @@ def _gib(n: int) -> str:
 
 
 def presets_table(names: list[str] | None = None, lora_rank: int = 32, console: Console | None = None) -> None:
+    if type(lora_rank) is not int or not 0 <= lora_rank <= 4096:
+        raise AFMError(f"--lora-rank must be an integer in 0..4096 (0: no adapter), got {lora_rank}")
     names = names or list(PRESETS)
     unknown = [n for n in names if n not in PRESETS]
     if unknown:

@@ -1,6 +1,6 @@
 """AFM tokenizer: SentencePiece with `\\n` <-> `<n>`, the V6 chat template, prompt ids and streaming detokenization.
 
-Facts from the toolkit (docs/afm-format.md section 5):
+Facts from the toolkit (docs/format.md section 5):
 - text is encoded after replacing every `\\n` with the user-defined piece `<n>`; decoding maps `<n>` back to `\\n`
   (also when a model spells `<n>` out of ordinary pieces, as tamm's whole-text find-and-replace does);
 - a prompt is `[eos] + encode(text)[1:]`: the first token (SentencePiece's dummy-prefix `▁` in front of
@@ -39,6 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import sentencepiece as spm
 
 from .errors import AFMError
+from .jsonfile import read_json
 
 DEFAULT_SYSTEM_MESSAGE = "A conversation between a user and a helpful assistant."
 TOKENIZER_FILE = "tokenizer.model"
@@ -84,28 +85,34 @@ def special_token_ids(sp: spm.SentencePieceProcessor) -> SpecialTokens:
     return SpecialTokens(**ids)
 
 
-def write_tokenizer_config(out_dir: str | os.PathLike, sp: spm.SentencePieceProcessor) -> Path:
-    """Write tokenizer_config.json (the special ids of `sp`) into out_dir; returns its path."""
+def write_tokenizer_config(out_dir: str | os.PathLike, sp: spm.SentencePieceProcessor,
+                           eot_id: int | None = None) -> Path:
+    """Write tokenizer_config.json (the special ids of `sp`, and the toolkit's `eot_id` when its tokenizer
+    configuration sets one) into out_dir; returns its path."""
     path = Path(out_dir) / CONFIG_FILE
     payload = {**special_token_ids(sp).as_dict(), "vocab_size": sp.get_piece_size()}
+    if eot_id is not None:
+        payload["eot_id"] = eot_id
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
-def _check_config(path: Path, found: SpecialTokens, vocab_size: int) -> None:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AFMError(f"{path} is not valid JSON ({err}); delete it or re-run the converter") from None
+def _check_config(path: Path, found: SpecialTokens, vocab_size: int) -> int | None:
+    """Every special id in the file must agree with tokenizer.model; returns the toolkit's eot_id, if set."""
+    config = read_json(path)
     if not isinstance(config, dict):
         raise AFMError(f"{path} must hold a JSON object of special token ids")
     expected = {**found.as_dict(), "vocab_size": vocab_size}
     for key, value in config.items():
         if key in expected and value != expected[key]:
             raise AFMError(
-                f"{path} says {key}={value} but tokenizer.model has {expected[key]}: "
+                f"{path} says {key}={value!r:.40} but tokenizer.model has {expected[key]}: "
                 "the two files come from different tokenizers"
             )
+    eot = config.get("eot_id")
+    if eot is not None and (type(eot) is not int or not 0 <= eot < vocab_size):
+        raise AFMError(f"{path}: eot_id must be a token id below {vocab_size}, got {repr(eot)[:40]}")
+    return eot
 
 
 # ---- loading
@@ -125,7 +132,7 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     tokenizer = Tokenizer(sp)
     config = model_file.parent / CONFIG_FILE
     if config.is_file():
-        _check_config(config, tokenizer.special, tokenizer.vocab_size)
+        tokenizer.eot_id = _check_config(config, tokenizer.special, tokenizer.vocab_size)
     return tokenizer
 
 
@@ -179,7 +186,7 @@ def _normalize_message(message: Any) -> dict[str, str]:
     content = "" if content is None else content
     if not isinstance(content, str):
         raise AFMError(f"message content must be a string, got {type(content).__name__} in a {role!r} message")
-    if message.get("tool_calls"):
+    if message.get("tool_calls") is not None:  # tamm tests `is not None`: `tool_calls: []` renders an empty block
         content += f"<executable_start> ```function\n{_tool_calls_to_json(message['tool_calls'])}```<executable_end>"
     if message.get("response_format") is not None:
         content += _response_format_text(message["response_format"])
@@ -237,12 +244,23 @@ def render_chat_template(
 # ---- the tokenizer
 
 
+def _check_utf8(text: str) -> None:
+    """Python hands over undecodable command-line or stdin bytes as lone surrogates (surrogateescape);
+    SentencePiece cannot take them, so they are refused here with the position, as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise AFMError(f"the text is not valid UTF-8 (undecodable byte or lone surrogate at character "
+                       f"{err.start})") from None
+
+
 class Tokenizer:
     """SentencePiece tokenizer with the AFM conventions (see the module docstring)."""
 
     def __init__(self, sp: spm.SentencePieceProcessor):
         self.sp = sp
         self.special = special_token_ids(sp)
+        self.eot_id: int | None = None  # set by load_tokenizer from tokenizer_config.json
         self._pieces = _PieceTable(sp)
         self._continuation_prefix = sp.encode(TURN_END)  # [dummy `▁`..., <turn_end>], see encode()
 
@@ -256,8 +274,10 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Generation ends on either of these: EOS and `<turn_end>`."""
-        return frozenset((self.eos_id, self.turn_end_id))
+        """Generation ends on either of these: EOS and `<turn_end>` (and the toolkit's eot_id, the toolkit's
+        generate.py's second stop id, when its tokenizer configuration names one)."""
+        extra = () if self.eot_id is None else (self.eot_id,)
+        return frozenset((self.eos_id, self.turn_end_id, *extra))
 
     def encode(self, text: str, *, dummy_prefix: bool = True) -> list[int]:
         """SentencePiece ids of text after `\\n` -> `<n>`.
@@ -268,6 +288,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise AFMError(f"text to encode must be a str, got {type(text).__name__}")
+        _check_utf8(text)
         text = text.replace("\n", NEWLINE)
         if dummy_prefix:
             return self.sp.encode(text)

@@ -1,6 +1,6 @@
 """Read and write AFMTextV7 LoRA adapters: toolkit checkpoints, `.fmadapter` packages, mlx-lm adapter directories.
 
-Spec: shared/docs/afm-format.md section 3. Every format is read into one in-memory form, `AdapterWeights`:
+Spec: docs/format.md section 3. Every format is read into one in-memory form, `AdapterWeights`:
 float32 NumPy tensors under mlx-lm's adapter names, meaning y = W x + scale * (x A) B for each adapted projection:
 
     model.layers.{i}.self_attn.qkv_proj.lora_a.{k}   [in, r]      k = 0, 1, 2: Q, K, V (fused projection)
@@ -33,11 +33,13 @@ from typing import Any, Iterable
 import numpy as np
 
 from afm_mlx.errors import AFMError
+from afm_mlx.jsonfile import read_json, require
 
 from .mapping import LORA_MODULES, normalize_key
 from .output import check_name, write_folder
 from .torch_zip import BF16, bf16_bits_to_float32, open_checkpoint, save_checkpoint
 
+MAX_LORA_RANK = 4096  # the toolkit trains rank 32; a rank past the model's width is not an adapter
 TOOLKIT_SCALE = 0.5  # alpha / rank = 16 / 32 in the toolkit's base-model config
 TOOLKIT_BASE_SIGNATURE = "9799725ff8e851184037110b422d891ad3b92ec1"  # BASE_SIGNATURE of toolkit 26.0.0
 FMADAPTER_WEIGHTS, FMADAPTER_METADATA = "adapter_weights.bin", "metadata.json"
@@ -213,6 +215,9 @@ def check_adapter(adapter: AdapterWeights, args: Any) -> None:
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if not adapter.tensors:
         raise AFMError(f"{adapter.source}: the adapter holds no LoRA tensors")
+    damaged = next((n for n, t in adapter.tensors.items() if not np.isfinite(t).all()), None)
+    if damaged is not None:  # NaN/inf would turn every logit NaN, silently: refuse at load, not at generation
+        raise AFMError(f"{adapter.source}: {damaged} holds NaN or infinite values; the adapter is damaged")
 
 
 # ---- toolkit checkpoints ----
@@ -361,10 +366,7 @@ def _read_json(path: Path) -> Any:
     if path.stat().st_size > _MAX_JSON_BYTES:
         raise AFMError(f"{path}: {path.stat().st_size} bytes, more than an adapter's JSON ever needs "
                        f"({_MAX_JSON_BYTES}); not an adapter file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise AFMError(f"{path}: invalid JSON ({' '.join(str(err).split())[:120]})") from None
+    return read_json(path)
 
 
 def read_fmadapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -372,10 +374,9 @@ def read_fmadapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not meta_file.is_file():
         raise AFMError(f"{path}: not a .fmadapter package: {FMADAPTER_METADATA} is missing")
     meta = _read_json(meta_file)
-    if not isinstance(meta, dict) or not isinstance(meta.get("loraRank"), int) or meta["loraRank"] <= 0:
-        raise AFMError(f"{meta_file}: needs a positive integer `loraRank`")
-    if not isinstance(meta.get("baseModelSignature"), str):
-        raise AFMError(f"{meta_file}: needs a string `baseModelSignature`")
+    if not 0 < require(meta, "loraRank", int, str(meta_file)) <= MAX_LORA_RANK:
+        raise AFMError(f"{meta_file}: `loraRank` {meta['loraRank']} is outside 1..{MAX_LORA_RANK}")
+    require(meta, "baseModelSignature", str, str(meta_file))
     return meta
 
 
@@ -436,13 +437,15 @@ def write_fmadapter(adapter: AdapterWeights, out_dir: str | os.PathLike, name: s
     The scale is folded into B so that the device's fixed 0.5 reproduces the adapter; modules the adapter lacks are
     written as zeros (no change). Written whole or not at all (converters/output.py).
     """
-    name = check_name(name.removesuffix(".fmadapter"), "adapter name")
+    stem = _check_export_options(name, base_signature, draft_token_count)
     check_adapter(adapter, args)
-    target = Path(out_dir) / f"{name}.fmadapter"
+    target = Path(out_dir) / f"{stem}.fmadapter"
     if target.exists() and not overwrite:
         raise AFMError(f"{target} exists (pass overwrite=True / --overwrite to replace it)")
     arrays = _fmadapter_arrays(adapter, args)
     metadata = {
+        # The toolkit's exporter names the package NAME.fmadapter unless NAME already ends so, but builds the
+        # identifier from NAME as given: `-n x.fmadapter` gives `fmadapter-x.fmadapter-<sig>`. Kept as it is.
         "adapterIdentifier": f"fmadapter-{name}-{base_signature[:7]}",
         "author": author,
         "baseModelSignature": base_signature,
@@ -460,6 +463,28 @@ def write_fmadapter(adapter: AdapterWeights, out_dir: str | os.PathLike, name: s
 
     write_folder(target, fill, replace=overwrite)
     return target
+
+
+_SIGNATURE = re.compile(r"^[0-9a-f]{7,64}$")  # toolkit 26.0.0's is a 40-digit hex digest; the id uses [:7]
+
+
+def _check_export_options(name: str, base_signature: str, draft_token_count: int) -> str:
+    """The package name without `.fmadapter`, after checking what metadata.json will say."""
+    stem = check_name(name.removesuffix(".fmadapter"), "adapter name")
+    if not stem.isprintable():
+        raise AFMError(f"invalid adapter name {name!r}: use a plain file name (printable characters)")
+    try:
+        stem.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AFMError(f"invalid adapter name {name!r}: not valid UTF-8") from None
+    if "-" in stem:
+        warnings.warn(f"adapter name {stem!r} has a hyphen: hyphens in adapter names are reported to make loading "
+                      "the .fmadapter on device fail; an underscore is safe", stacklevel=4)
+    if not isinstance(base_signature, str) or not _SIGNATURE.match(base_signature):
+        raise AFMError(f"base signature {base_signature!r:.50} is not a lowercase hex digest (7 to 64 digits)")
+    if type(draft_token_count) is not int or not 1 <= draft_token_count <= 64:
+        raise AFMError(f"speculative draft token count must be an integer in 1..64, got {draft_token_count!r}")
+    return stem
 
 
 def _fmadapter_arrays(adapter: AdapterWeights, args: Any) -> list[np.ndarray]:
@@ -531,13 +556,16 @@ def _read_mlx_config(path: Path) -> dict:
         raise AFMError(f"{path}: not an mlx-lm adapter directory ({MLX_WEIGHTS} and {MLX_CONFIG} needed)")
     config = _read_json(config_file)
     if not isinstance(config, dict):
-        raise AFMError(f"{config_file}: not a JSON object")
+        raise AFMError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
-        raise AFMError(f"{config_file}: fine_tune_type {kind!r}; only LoRA adapters are supported")
-    params = config.get("lora_parameters")
-    if not isinstance(params, dict) or not isinstance(params.get("rank"), int) or "scale" not in params:
-        raise AFMError(f"{config_file}: needs lora_parameters with an integer rank and a scale")
+        raise AFMError(f"{config_file}: fine_tune_type {repr(kind)[:40]}; only LoRA adapters are supported")
+    params = require(config, "lora_parameters", dict, str(config_file))
+    if not 0 < require(params, "rank", int, f"{config_file}: lora_parameters") <= MAX_LORA_RANK:
+        raise AFMError(f"{config_file}: lora_parameters.rank {params['rank']} is outside 1..{MAX_LORA_RANK}")
+    scale = require(params, "scale", (int, float), f"{config_file}: lora_parameters")
+    if not math.isfinite(scale):
+        raise AFMError(f"{config_file}: lora_parameters.scale must be finite, got {scale}")
     return config
 
 

@@ -1,6 +1,6 @@
 """Map an adapter-toolkit (tamm) AFMTextV7 state dict onto the mlx-lm `afm7` parameter names.
 
-Spec: shared/docs/afm-format.md sections 1 and 7. The mapping is decided from names and shapes alone
+Spec: docs/format.md sections 1 and 7. The mapping is decided from names and shapes alone
 (`map_toolkit_state_dict`), so a 12.7 GB checkpoint is planned without reading any tensor data; the data is
 then pulled one tensor at a time through `MappedCheckpoint.load`.
 
@@ -44,6 +44,7 @@ REUSE_LAYER = {
     "attention.q_norm.query_norm.weight": "self_attn.q_norm.weight",
 }
 _KV_QUANT_PREFIX = "attention.kv_quantizer.{}_quantizer.activation_post_process."
+_WEIGHT_SUFFIXES = (".weight", ".bias")  # learned tensors: never ignored
 KV_SCALE = {"key": "self_attn.quant_key_scale", "value": "self_attn.quant_value_scale"}
 
 # LoRA-carrying modules: toolkit module -> our module (mlx-lm adapter layout: `<module>.lora_a[.k]`, `.lora_b[.k]`).
@@ -99,6 +100,7 @@ class MappedCheckpoint:
     lora: dict[str, WeightSource] = field(default_factory=dict)  # mlx-lm adapter names, e.g. `...qkv_proj.lora_a.0`
     ignored: list[str] = field(default_factory=list)  # source keys deliberately dropped
     tied_output: str | None = None  # source key of the tied output head, dropped after the tie check
+    unknown_buffers: list[str] = field(default_factory=list)  # kv-quantizer state we do not know, ignored
 
     def load(self, name: str, tensors: Mapping[str, Any]) -> np.ndarray:
         """Read one target (or LoRA) tensor from `tensors` and apply its transform."""
@@ -176,16 +178,6 @@ def _layer_count(sorted_keys: _Sorted, kind: str) -> int:
 
 
 # ---- config inference ----
-
-
-def infer_config(
-    tensors: Mapping[str, Any],
-    *,
-    rope_theta: float = DEFAULT_ROPE_THETA,
-    rms_norm_eps: float = DEFAULT_RMS_NORM_EPS,
-) -> dict[str, Any]:
-    """ModelArgs fields (mlx-lm afm7 names, plus `kv_quant`) recovered from key names and shapes."""
-    return _infer_config(tensors, _classify(list(tensors.keys())), rope_theta, rms_norm_eps)
 
 
 def _infer_config(tensors, sorted_keys: _Sorted, rope_theta: float, rms_norm_eps: float) -> dict[str, Any]:
@@ -321,7 +313,26 @@ def map_toolkit_state_dict(
     for key in keys:
         plan.place(key, _shape(tensors[key]))
     plan.check_complete()
-    return plan.result()
+    result = plan.result()
+    _check_float_dtypes(tensors, [*result.weights.values(), *result.lora.values()])
+    return result
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _dtype_name(tensor: Any) -> str:
+    """'float32' for a torch_zip tensor, a NumPy array or a torch tensor alike."""
+    return str(getattr(tensor, "dtype", "unknown")).removeprefix("torch.")
+
+
+def _check_float_dtypes(tensors: Mapping[str, Any], sources: list[WeightSource]) -> None:
+    """Weights and kv-quantizer ranges are floats in every toolkit file: an integer or bool tensor in their place
+    would be cast to float and could even be stored "exactly" on a grid, so it is refused, not converted."""
+    bad = [f"{s.key} ({_dtype_name(tensors[s.key])})" for s in sources
+           if _dtype_name(tensors[s.key]) not in FLOAT_DTYPES]
+    if bad:
+        raise AFMError(f"checkpoint does not match AFMTextV7: non-floating-point weights, {_listing(bad)}")
 
 
 class _Plan:
@@ -332,6 +343,7 @@ class _Plan:
         self.weights: dict[str, WeightSource] = {}
         self.lora: dict[str, WeightSource] = {}
         self.ignored: list[str] = []
+        self.unknown_buffers: list[str] = []
         self.tied_output: str | None = None
         self.problems: list[str] = []
         self.rank: int | None = None
@@ -365,6 +377,9 @@ class _Plan:
         self._assign(self.weights, f"model.{norm}", key, shape)
 
     def _place_kv_quant(self, key: str, prefix: str, rest: str, shape: tuple[int, ...]) -> bool:
+        """The `range` buffer becomes the layer's scale; the rest of a key/value quantizer's state is observer
+        bookkeeping (num_samples, and whatever else a FakeQuantize with EMA observers may carry: we have not
+        seen Apple's file), ignored and listed. A *weight* there, or another quantizer, stays an error."""
         for kind, target in KV_SCALE.items():
             base = _KV_QUANT_PREFIX.format(kind)
             if rest == base + "range":
@@ -372,6 +387,9 @@ class _Plan:
                 return True
             if rest == base + "num_samples":
                 self.ignored.append(key)  # observer bookkeeping, unused at inference
+                return True
+            if rest.startswith(f"attention.kv_quantizer.{kind}_quantizer.") and not rest.endswith(_WEIGHT_SUFFIXES):
+                self.unknown_buffers.append(key)
                 return True
         return False
 
@@ -399,6 +417,8 @@ class _Plan:
             into[target] = WeightSource(key, expected, transform)
 
     def check_complete(self) -> None:
+        if self.unknown_buffers and not self.config["kv_quant"]:
+            self.problems.append(f"kv_quantizer buffers without `range`, {_listing(self.unknown_buffers)}")
         missing = [_toolkit_name(t, self.draft_layout) for t in self.shapes if t not in self.attempted]
         if missing:
             self.problems.append(f"missing tensors {_listing(missing)}")
@@ -424,7 +444,8 @@ class _Plan:
         return targets
 
     def result(self) -> MappedCheckpoint:
-        return MappedCheckpoint(self.config, self.weights, self.lora, self.ignored, self.tied_output)
+        return MappedCheckpoint(self.config, self.weights, self.lora, self.ignored, self.tied_output,
+                                self.unknown_buffers)
 
 
 def _toolkit_name(target: str, draft_layout: bool) -> str:

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from afm_mlx.errors import AFMError
+from afm_mlx.model import ModelArgs, check_config_value
 
 from .mapping import (
     DEFAULT_RMS_NORM_EPS,
@@ -40,11 +41,14 @@ from .mapping import (
 )
 from .output import write_folder
 from .quantize import Packed, QuantSetting, quantize_tensor, store_float
+from .toolkit_tokenizer import CONFIG_NAME as TOKENIZER_CONFIG_NAME
+from .toolkit_tokenizer import TokenizerExtension, check_eot, read_tokenizer_extension
+from .toolkit_tokenizer import extend as extend_tokenizer
 from .torch_zip import open_checkpoint
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 REPORT_FILE = "conversion_report.json"
-LORA_SCALE = 0.5  # alpha 16 / rank 32 (afm-format.md 3.1)
+LORA_SCALE = 0.5  # alpha 16 / rank 32 (docs/format.md 3.1)
 # (setting name, toolkit file name); looked up under TOOLKIT_DIR/assets/ first, then TOOLKIT_DIR/
 TOOLKIT_FILES = {"base": "base-model.pt", "draft": "draft-model.pt", "tokenizer": "tokenizer.model"}
 
@@ -117,6 +121,7 @@ class ModelResult:
     tensors: list[dict[str, Any]] = field(default_factory=list)  # report rows
     lora: str = "none"
     ignored: list[str] = field(default_factory=list)
+    unknown_buffers: list[str] = field(default_factory=list)
     source_bytes: int = 0
     output_bytes: int = 0
 
@@ -155,11 +160,13 @@ def convert_model(
 
     check_config(config) runs after the (cheap) mapping and before any tensor is converted."""
     mapped = map_toolkit_state_dict(checkpoint, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps)
+    ModelArgs.from_dict(mapped.config)  # the inferred config is one the loader accepts, before any tensor work
     if check_config is not None:
         check_config(mapped.config)
     check_tied_output(checkpoint, mapped)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = ModelResult(dict(mapped.config), ignored=list(mapped.ignored))
+    result = ModelResult(dict(mapped.config), ignored=list(mapped.ignored),
+                         unknown_buffers=list(mapped.unknown_buffers))
     writer = ShardWriter(out_dir, shard_bytes)
     total = sum(_nbytes(checkpoint[source.key]) for source in mapped.weights.values())
     try:
@@ -242,8 +249,24 @@ def _write_lora_if_nonzero(checkpoint, mapped: MappedCheckpoint, out_dir: Path) 
 # ---- tokenizer ----
 
 
-def _load_sentencepiece(tokenizer: Path):
-    """The SentencePiece model, with its AFM special pieces checked (before any weight is converted)."""
+@dataclass
+class ToolkitTokenizer:
+    """tokenizer.model as the toolkit loads it: extended by a tokenizer-config.json next to it, when there is one."""
+
+    sp: Any  # sentencepiece.SentencePieceProcessor
+    path: Path
+    config: Path | None = None
+    extension: TokenizerExtension | None = None
+    base_size: int = 0  # pieces in tokenizer.model itself
+
+    @property
+    def added_pieces(self) -> int:
+        return self.sp.get_piece_size() - self.base_size
+
+
+def _load_sentencepiece(tokenizer: Path) -> ToolkitTokenizer:
+    """The SentencePiece model (extended as tamm does), its AFM special pieces checked before any weight is
+    converted."""
     import sentencepiece as spm
 
     from afm_mlx.tokenizer import special_token_ids
@@ -253,25 +276,39 @@ def _load_sentencepiece(tokenizer: Path):
         sp.Load(str(tokenizer))
     except (OSError, RuntimeError) as err:
         raise AFMError(f"{tokenizer}: not a SentencePiece model ({str(err).splitlines()[0]})") from None
-    special_token_ids(sp)
-    return sp
+    loaded = ToolkitTokenizer(sp, tokenizer, base_size=sp.get_piece_size())
+    config = tokenizer.parent / TOKENIZER_CONFIG_NAME
+    if config.is_file():
+        loaded.config, loaded.extension = config, read_tokenizer_extension(config)
+        loaded.sp = extend_tokenizer(sp, loaded.extension, str(config))
+        check_eot(loaded.sp, loaded.extension, str(config))
+    try:
+        special_token_ids(loaded.sp)
+    except AFMError as err:
+        where = f" (after {config.name})" if loaded.config else f" (and no {TOKENIZER_CONFIG_NAME} next to it)"
+        raise AFMError(f"{tokenizer}{where}: {err}") from None
+    return loaded
 
 
-def _check_vocab(sp, tokenizer: Path | None, label: str) -> Callable[[dict[str, Any]], None]:
+def _check_vocab(tok: ToolkitTokenizer | None, label: str) -> Callable[[dict[str, Any]], None]:
     def check(config: dict[str, Any]) -> None:
-        if sp is not None and sp.get_piece_size() > config["vocab_size"]:
-            raise AFMError(f"{tokenizer} has {sp.get_piece_size()} pieces but the {label} model's vocabulary is "
+        if tok is not None and tok.sp.get_piece_size() > config["vocab_size"]:
+            raise AFMError(f"{tok.path} has {tok.sp.get_piece_size()} pieces but the {label} model's vocabulary is "
                            f"{config['vocab_size']}: wrong tokenizer or checkpoint")
     return check
 
 
-def _write_tokenizer(sp, tokenizer: Path, out_dir: Path) -> dict[str, int]:
-    """Copy tokenizer.model and write tokenizer_config.json with the special ids read from it."""
+def _write_tokenizer(tok: ToolkitTokenizer, out_dir: Path) -> dict[str, int]:
+    """tokenizer.model (the toolkit's bytes, or the extended model) and tokenizer_config.json with its special
+    ids (and the toolkit's eot_id, when its configuration sets one)."""
     from afm_mlx.tokenizer import special_token_ids, write_tokenizer_config
 
-    shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
-    write_tokenizer_config(out_dir, sp)
-    return special_token_ids(sp).as_dict()
+    if tok.added_pieces:
+        (out_dir / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    else:
+        shutil.copyfile(tok.path, out_dir / "tokenizer.model")
+    write_tokenizer_config(out_dir, tok.sp, eot_id=tok.extension.eot_id if tok.extension else None)
+    return special_token_ids(tok.sp).as_dict()
 
 
 # ---- the whole conversion ----
@@ -326,6 +363,9 @@ def convert(
         raise AFMError("no output directory given")
     if recipe not in ("auto", "lossy"):
         raise AFMError(f"recipe must be 'auto' or 'lossy', got {recipe!r}")
+    for name, value in (("rope_theta", rope_theta), ("rope_theta", draft_rope_theta), ("rms_norm_eps", rms_norm_eps)):
+        if value is not None:
+            check_config_value(name, value)  # what config.json will say must load again
     sources = resolve_sources(source, base, draft, tokenizer)
     out = Path(out)
     if out.exists() and not force:
@@ -349,7 +389,7 @@ def convert(
 
 # The draft's fewest bits where its weights lie on no grid (unless --draft-bits says otherwise): Apple's
 # draft-model.pt is float, not QAT-trained, and 2-bit would cost acceptance; Apple's own draft export stores
-# 4-bit weights (afm-format.md 3.4). A --bits of 4 or more (or float) applies to the draft as given.
+# 4-bit weights (docs/format.md 3.4). A --bits of 4 or more (or float) applies to the draft as given.
 DRAFT_MIN_BITS = 4
 
 
@@ -374,7 +414,7 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
     if sources.draft is not None:
         theta = rope_theta if draft_rope_theta is None else draft_rope_theta
         models.append(("draft", sources.draft, tmp / "draft", plans[1], theta))
-    sp = _load_sentencepiece(sources.tokenizer) if sources.tokenizer is not None else None
+    tok = _load_sentencepiece(sources.tokenizer) if sources.tokenizer is not None else None
     results: dict[str, ModelResult] = {}
     for label, path, out_dir, plan, theta in models:
         with open_checkpoint(path) as checkpoint:
@@ -386,7 +426,7 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
             try:
                 results[label] = convert_model(
                     checkpoint, out_dir, plan, rope_theta=theta, rms_norm_eps=rms_norm_eps, shard_bytes=shard_bytes,
-                    on_tensor=on_tensor, check_config=_check_vocab(sp, sources.tokenizer, label))
+                    on_tensor=on_tensor, check_config=_check_vocab(tok, label))
             except AFMError as err:
                 if path.name in str(err):
                     raise
@@ -396,11 +436,11 @@ def _convert_into(tmp: Path, sources: Sources, plans, rope_theta, draft_rope_the
         raise AFMError(f"draft vocabulary {draft_result.config['vocab_size']} != base vocabulary "
                        f"{base.config['vocab_size']}: they cannot share a tokenizer")
     special = None
-    if sp is not None:
-        special = _write_tokenizer(sp, sources.tokenizer, tmp)
+    if tok is not None:
+        special = _write_tokenizer(tok, tmp)
         if draft_result is not None:
-            _write_tokenizer(sp, sources.tokenizer, tmp / "draft")
-    report = _report(sources, base, draft_result, special)
+            _write_tokenizer(tok, tmp / "draft")
+    report = _report(sources, base, draft_result, special, tok)
     if draft_result is not None:
         (tmp / "draft" / REPORT_FILE).write_text(json.dumps(report["draft"], indent=2) + "\n")
     return ConversionResult(tmp, base, draft_result, special, 0.0, report)
@@ -413,13 +453,20 @@ def _model_report(path: Path, result: ModelResult) -> dict[str, Any]:
         "source_bytes": result.source_bytes, "output_bytes": result.output_bytes,
         "tensors_exact": sum(r["exact"] for r in rows), "tensors_lossy": sum(not r["exact"] for r in rows),
         "max_abs_error": max((r["max_abs_error"] for r in rows), default=0.0),
-        "lora": result.lora, "ignored": result.ignored, "tensors": rows,
+        "lora": result.lora, "ignored": result.ignored,
+        "ignored_unknown_buffers": result.unknown_buffers,  # kv-quantizer state not in tamm's observer we read
+        "tensors": rows,
     }
 
 
-def _report(sources: Sources, base: ModelResult, draft: ModelResult | None, special) -> dict[str, Any]:
+def _report(sources: Sources, base: ModelResult, draft: ModelResult | None, special,
+            tok: ToolkitTokenizer | None) -> dict[str, Any]:
+    tokenizer = None
+    if special:
+        tokenizer = {"source": str(sources.tokenizer), "special_ids": special,
+                     "toolkit_config": str(tok.config) if tok.config else None, "added_pieces": tok.added_pieces}
     return {
         "base": _model_report(sources.base, base),
         "draft": _model_report(sources.draft, draft) if draft is not None else None,
-        "tokenizer": {"source": str(sources.tokenizer), "special_ids": special} if special else None,
+        "tokenizer": tokenizer,
     }

@@ -94,6 +94,9 @@ def print_summary(result: Any, console: Console) -> None:
         note = f"[yellow]{lossy} tensors stored lossy[/]" if lossy else "all tensors exact"
         console.print(f"{label}: {human_bytes(model['source_bytes'])} -> {human_bytes(model['output_bytes'])}, "
                       f"{note}; LoRA: {model['lora']}")
+        if model.get("ignored_unknown_buffers"):
+            console.print(f"[yellow]{label}: ignored {len(model['ignored_unknown_buffers'])} unknown kv-quantizer "
+                          "buffers (listed in conversion_report.json)")
     tok = report.get("tokenizer")
     console.print(f"tokenizer: special ids {tok['special_ids']}" if tok else
                   "[yellow]no tokenizer.model given: the directory loads with load_model() but not load()")

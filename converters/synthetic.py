@@ -1,6 +1,6 @@
 """Synthetic adapter-toolkit (tamm) state dicts for any AFMTextV7 config: test fixtures and the memory benchmark.
 
-Tensors come out one at a time, in the toolkit's state-dict order (afm-format.md sections 1.1, 1.3, 3.3), so
+Tensors come out one at a time, in the toolkit's state-dict order (docs/format.md sections 1.1, 1.3, 3.3), so
 a full-size 12.7 GB checkpoint can be streamed to disk without ever being held in memory. Every tensor is
 drawn from its own seeded generator, so any tensor can be regenerated on its own.
 
@@ -12,7 +12,7 @@ group 32.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -162,12 +162,6 @@ def synthetic_thunks(
     if tied_output:
         items.append(("output_transform.weight", embedding))
     return items
-
-
-def synthetic_state_dict(config: Any, **options: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """Lazily yield (toolkit name, float32/int64 array), one tensor at a time; see `synthetic_thunks`."""
-    for name, thunk in synthetic_thunks(config, **options):
-        yield name, thunk()
 
 
 def synthetic_dict(config: Any, **options: Any) -> dict[str, np.ndarray]:

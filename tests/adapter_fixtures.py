@@ -1,6 +1,6 @@
 """Adapter fixtures written from the spec, independently of afm_mlx's readers and exporter.
 
-- `write_test_fmadapter`: a .fmadapter as the toolkit's `AdapterConverter` makes it (afm-format.md 3.4): keys with
+- `write_test_fmadapter`: a .fmadapter as the toolkit's `AdapterConverter` makes it (docs/format.md 3.4): keys with
   "adapter" in checkpoint order, cast to fp16, transposed, Q/K LoRA-B rows permuted with the toolkit's
   `view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2)`, then the MIL blob v2 layout byte by byte.
 - `write_mlx_lm_adapter`: an adapter directory saved by mlx-lm's own afm7 LoRA layers (names from the converter's

@@ -1,4 +1,4 @@
-"""Float64 NumPy reference forward of AFMTextV7, written from ../shared/docs/afm-format.md section 4.
+"""Float64 NumPy reference forward of AFMTextV7, written from docs/format.md section 4.
 
 It reads the *toolkit* (tamm) state-dict names, so a converter that mis-maps a tensor cannot agree with it by
 construction. Nothing here is shared with afm_mlx: it is the oracle.

@@ -71,7 +71,7 @@ def test_full_3b_counts():
     # the fused Q|K|V B is block-diagonal [96, 2048 + 256 + 256]: its zero blocks are allocated too
     zero_blocks = 35 * (96 - 32) * (2048 + 2 * 256)
     assert sum(int(np.prod(a)) + int(np.prod(b)) for a, b in shapes.values()) == 66_633_728 + zero_blocks
-    assert fmadapter_blob_size(BASE_3B, 32) == 133_312_320  # "~133 MB" (afm-format.md 3.4)
+    assert fmadapter_blob_size(BASE_3B, 32) == 133_312_320  # "~133 MB" (docs/format.md 3.4)
 
 
 def test_layout_follows_state_dict_order():

@@ -164,7 +164,9 @@ def test_synthetic_weights_lie_on_the_affine_grid():
 
 def test_synthetic_model_computes_in_the_dtype_asked_for():
     """Every float parameter in the compute dtype, norms included (a float32 norm weight turned the 3B's GPU
-    activations float32, where MLX's CUDA quantized matmul fails past 128 rows); kv-quant scales stay float32."""
+    activations float32, where MLX's CUDA quantized matmul fails past 128 rows); kv-quant scales stay float32
+    (here they are set after the cast, so this says nothing about loading.cast_floats: tests/test_regressions.py
+    builds half-precision models through it)."""
     model = bench.synthetic_model(bench.tiny_workload().model.args, bits=2, group_size=32, seed=1,
                                   dtype=mx.bfloat16)
     dtypes = {path: a.dtype for path, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype,

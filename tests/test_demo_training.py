@@ -1,5 +1,5 @@
 """The demo family's training code (benchmarks/demo/): toolkit key names, numerics against float64 NumPy
-references written from afm-format.md, and the 2-bit grid that the converter's `auto` recipe must find exactly.
+references written from docs/format.md, and the 2-bit grid that the converter's `auto` recipe must find exactly.
 
 torch is a dev-only dependency; without it these tests are skipped (the runtime package never imports torch).
 """

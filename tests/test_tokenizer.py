@@ -258,7 +258,7 @@ def test_config_written_by_the_converter_is_checked(tmp_path, tiny_tokenizer_dir
     with pytest.raises(AFMError, match="turn_end_id=7 but tokenizer.model has 4"):
         load_tokenizer(tmp_path)
     path.write_text("{not json")
-    with pytest.raises(AFMError, match="not valid JSON"):
+    with pytest.raises(AFMError, match="invalid JSON"):
         load_tokenizer(tmp_path)
 
 

@@ -40,9 +40,11 @@ system user assistant tool response format schema description
 
 
 def build_tiny_tokenizer(
-    directory: str | Path, *, vocab_size: int = 400, remove_extra_whitespaces: bool = False
+    directory: str | Path, *, vocab_size: int = 400, remove_extra_whitespaces: bool = False,
+    special_pieces: list[str] = SPECIAL_PIECES,
 ) -> Path:
-    """Train the tiny tokenizer and write `directory/tokenizer.model`; returns that path."""
+    """Train the tiny tokenizer and write `directory/tokenizer.model`; returns that path. `special_pieces`: the
+    user-defined pieces trained in (others may come from a toolkit tokenizer-config.json instead)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_CORPUS.splitlines() * 8),
@@ -54,7 +56,7 @@ def build_tiny_tokenizer(
         eos_id=EOS_ID,
         unk_id=UNK_ID,
         bos_id=-1,
-        user_defined_symbols=SPECIAL_PIECES,
+        user_defined_symbols=special_pieces,
         byte_fallback=True,
         character_coverage=1.0,
         normalization_rule_name="identity" if not remove_extra_whitespaces else "nmt_nfkc",

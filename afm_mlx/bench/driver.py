@@ -10,7 +10,8 @@ from ..errors import AFMError
 from .machine import machine_info, machine_slug
 from .report import write_results
 from .suite import BenchConfig, count_runs, default_config, run_benchmark
-from .workloads import Workload, demo_workload, full_workload, model_dir_workload, tiny_workload
+from .workloads import (Workload, demo_workload, full_workload, model_dir_workload, read_prompt_texts,
+                        tiny_workload)
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -57,6 +58,13 @@ def configure(name: str, overrides: dict[str, Any]) -> BenchConfig:
     return config
 
 
+def _check_prompts(names: list[str], prompts: str | Path) -> None:
+    """--prompts must feed some workload, and be readable, before any work starts."""
+    if not {"demo", "model"} & set(names):
+        raise AFMError(f"--prompts feeds the demo and --model workloads only, not {', '.join(names)}")
+    read_prompt_texts(prompts)
+
+
 def run_workloads(names: list[str], *, model_dir: str | Path | None = None, prompts: str | Path | None = None,
                   out_dir: str | Path | None = None, plots: bool = True, overrides: dict[str, Any] | None = None,
                   console=None) -> list[Path]:
@@ -70,6 +78,8 @@ def run_workloads(names: list[str], *, model_dir: str | Path | None = None, prom
         from ..loading import read_config
 
         read_config(Path(model_dir).expanduser())  # a bad --model fails with its one line before any work
+    if prompts is not None:
+        _check_prompts(names, prompts)
     out = Path(out_dir) if out_dir is not None else Path("benchmarks/results") / machine_slug(machine_info())
     written: list[Path] = []
     failed: list[str] = []

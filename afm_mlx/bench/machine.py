@@ -19,8 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 GB = 1e9  # decimal, as bandwidth figures are quoted
 
 
-# Memory bandwidth in GB/s, from ../shared/docs/performance-anchors.md section 2a (llama.cpp discussion #4167 and
-# Apple's announcements) and NVIDIA's data sheets (H100 SXM 3.35 TB/s, H200 4.8 TB/s). Longer names first.
+# Memory bandwidth in GB/s, from llama.cpp discussion #4167, Apple's announcements and NVIDIA's data sheets
+# (H100 SXM 3.35 TB/s, H200 4.8 TB/s). Longer names first.
 # Max chips are listed at their 16-core-CPU bandwidth; the binned 14-core variants have less (M3 Max 300, M4 Max 410).
 BANDWIDTH_GBPS = [
     ("M2 Ultra", 800.0), ("M4 Max", 546.0), ("M3 Max", 400.0), ("M2 Max", 400.0), ("M1 Max", 400.0),

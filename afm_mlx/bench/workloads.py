@@ -3,7 +3,6 @@ synthetic on-grid weights, and their prompts."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from ..dtypes import compute_dtype
 from ..errors import AFMError
+from ..jsonfile import read_json
 from ..loading import cast_floats, tune_for_device
 from ..model import Model, ModelArgs
 from .machine import REPO_ROOT
@@ -100,29 +100,36 @@ def read_prompt_texts(path: str | Path) -> list[list[str]]:
     if not path.is_file():
         raise AFMError(f"prompt file not found: {path}")
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise AFMError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-        groups = _groups(data)
+        groups = _groups(read_json(path))
     else:
-        groups = [[p.strip() for p in re.split(r"\n\s*\n", path.read_text()) if p.strip()]]
+        groups = [[p.strip() for p in re.split(r"\n\s*\n", _read_text(path)) if p.strip()]]
     groups = [g for g in groups if g]
     if not groups:
         raise AFMError(f"{path}: no prompt texts found")
     return groups
 
 
-def _groups(data) -> list[list[str]]:
-    if isinstance(data, dict):
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AFMError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise AFMError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _groups(data, depth: int = 0) -> list[list[str]]:
+    """Lists of strings found in `data`, at most three objects deep (the held-out file's layout is two)."""
+    if isinstance(data, dict) and depth < 3:
         for key in ("held_out", "prompts", "texts"):
             if key in data:
-                return _groups(data[key])
-        return [g for value in data.values() for g in _groups(value)]
+                return _groups(data[key], depth + 1)
+        return [g for value in data.values() for g in _groups(value, depth + 1)]
     if isinstance(data, list) and all(isinstance(x, str) for x in data):
         return [data]
     if isinstance(data, list):
-        return [[x.get("text", "") if isinstance(x, dict) else str(x) for x in data]]
+        texts = [x.get("text") if isinstance(x, dict) else x for x in data]
+        return [[t for t in texts if isinstance(t, str)]]  # numbers, nulls, nested lists: not prompts
     return [[data]] if isinstance(data, str) else []
 
 

@@ -1,6 +1,6 @@
 """AFMTextV7 scaled down, in PyTorch, with tamm's module names (training code for the demo family only).
 
-The module tree reproduces the toolkit's state-dict keys exactly (afm-format.md sec. 1.1/1.2), e.g.
+The module tree reproduces the toolkit's state-dict keys exactly (docs/format.md sec. 1.1/1.2), e.g.
 `layers.segment_0.layer_0.attention.qkv_transform.wrapped.fused_linear.weight` for the base and
 `layers.layer_0.attention.qkv_transform.fused_linear.weight` for the draft. Numerics follow sec. 4:
 RMSNorm eps 1e-5 with plain `w`; interleaved (GPT-J) RoPE with tamm's fp32 frequencies, applied before the
