@@ -24,7 +24,7 @@ import mlx.core as mx
 from .adapters import active_adapter, using_adapter
 from .cache import KVCache
 from .errors import AFMError
-from .guided import Guide, make_guide
+from .guided import make_guide
 from .model import Model
 from .sampling import RandomKeys, SamplingParams, mask_logits, next_token
 from .speculative import DraftLength, SpeculativeDecoder, rollback
@@ -522,12 +522,12 @@ class ChatSession:
         """Stream the assistant's reply to one user message."""
         if not isinstance(message, str) or not message.strip():
             raise AFMError("the message is empty")
-        rendered = self.guide or Guide(kind="", grammar="", table=None)
+        response_format = self.guide.response_format if self.guide is not None else None
         if self.history:
-            ids = self.history + user_turn_ids(self.tokenizer, message, rendered.response_format)
+            ids = self.history + user_turn_ids(self.tokenizer, message, response_format)
         else:
-            ids = self.tokenizer.encode_prompt(message, system=self.system, tools=rendered.tools,
-                                               response_format=rendered.response_format)
+            ids = self.tokenizer.encode_prompt(message, system=self.system, response_format=response_format,
+                                               tools=self.guide.tools if self.guide is not None else None)
         reply: list[int] | None = None  # None until generation started (a refused prompt changes nothing)
         try:
             for response in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,

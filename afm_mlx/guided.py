@@ -235,7 +235,7 @@ def _compile(build, what: str) -> str:
     try:
         return build()
     except (ValueError, RuntimeError, TypeError) as err:
-        raise AFMError(f"invalid {what}: {_first_line(err)}") from None
+        raise AFMError(f"invalid {what}: {_one_line(err)}") from None
 
 
 def _validate(guide: Guide) -> None:
@@ -245,11 +245,9 @@ def _validate(guide: Guide) -> None:
 
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(guide.grammar, guide.table.llg)
     if is_error:
-        raise AFMError(f"unsupported or invalid {_WHAT[guide.kind]}: {_first_line(messages[0])}")
+        raise AFMError(f"unsupported or invalid {_WHAT[guide.kind]}: {_one_line(messages[0])}")
     guide.warnings = list(messages)
-    constraint = guide.constraint(guide.table.vocab_size)
-    constraint.matcher.unsafe_compute_mask_ptr(constraint._words.ctypes.data, constraint._words.nbytes)
-    if constraint.matcher.is_error():
+    if not guide.constraint(guide.table.vocab_size).can_start():
         raise AFMError(f"the {_WHAT[guide.kind]} cannot match anything")
 
 
@@ -355,10 +353,15 @@ class GrammarConstraint:
         self.guide, self.table, self.vocab_size = guide, guide.table, vocab_size
         self.matcher = llguidance.LLMatcher(self.table.llg, guide.grammar, log_level=0)
         if self.matcher.is_error():
-            raise AFMError(f"invalid {_WHAT[guide.kind]}: {_first_line(self.matcher.get_error())}")
+            raise AFMError(f"invalid {_WHAT[guide.kind]}: {_one_line(self.matcher.get_error())}")
         self._words = np.zeros((self.table.llg.vocab_size + 31) // 32, dtype=np.int32)
         self.consumed = 0  # tokens the matcher holds
         self._ended = 0  # stop tokens drafted after the answer ended (the matcher holds none of them)
+
+    def can_start(self) -> bool:
+        """Whether any answer at all is possible (llguidance finds out when it computes the first mask)."""
+        self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        return not self.matcher.is_error()
 
     def allowed(self) -> np.ndarray:
         """bool [1, vocab_size]: the tokens that may come next."""
@@ -368,7 +371,7 @@ class GrammarConstraint:
             return out
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         if self.matcher.is_error():
-            raise AFMError(f"internal error: the grammar matcher failed ({_first_line(self.matcher.get_error())})")
+            raise AFMError(f"internal error: the grammar matcher failed ({_one_line(self.matcher.get_error())})")
         bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.table.vocab_size]
         out[0, : self.table.vocab_size] = bits.astype(bool)
         out[0, self.table.eos_id] |= out[0, self.table.end_id]
@@ -384,7 +387,7 @@ class GrammarConstraint:
             token = self.table.end_id if token == self.table.eos_id else token
             if not self.matcher.consume_token(token):
                 raise AFMError(f"internal error: the grammar matcher refused token {token} "
-                               f"({_first_line(self.matcher.get_error())})")
+                               f"({_one_line(self.matcher.get_error())})")
             self.consumed += 1
 
     def rollback(self, counts: int | Sequence[int] | np.ndarray) -> None:
@@ -426,7 +429,7 @@ class GuidedDetokenizer:
 # ---- small helpers
 
 
-def _first_line(err: Any) -> str:
+def _one_line(err: Any) -> str:
     """llguidance's message on one line: its first line, plus the `error: ...` line of a regex parse error."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
