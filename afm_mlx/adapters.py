@@ -73,8 +73,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.lora: LoRA | None = None  # plain attribute: not a parameter, set by set_active_adapter
+        self.row_loras: _RowLoRAs | None = None  # set by using_row_adapters for one batched forward
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.row_loras is not None:
+            return self.row_loras.apply(self.linear(x), x)
         lora = self.lora
         if lora is None:
             return self.linear(x)
@@ -82,6 +85,18 @@ class LoRALinear(nn.Module):
         if isinstance(self.linear, SmallBatchQuantizedLinear):  # on Metal: @ B inside the few-row kernel
             return self.linear(x, lora=term)
         return add_lora(self.linear(x), x, term)
+
+
+@dataclass
+class _RowLoRAs:
+    """Per-row LoRAs of a batch [B, ...]: (rows int32 [n], LoRA) per adapter present; other rows get none."""
+
+    groups: list[tuple[mx.array, LoRA]]
+
+    def apply(self, y: mx.array, x: mx.array) -> mx.array:
+        for rows, lora in self.groups:
+            y[rows] = add_lora(y[rows], x[rows], (lora.a, lora.b, lora.scale))
+        return y
 
 
 @dataclass
@@ -253,6 +268,43 @@ def using_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
         yield
     finally:
         set_active_adapter(model, previous)
+
+
+@contextmanager
+def using_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None]:
+    """Inside the block, batch row b of a forward gets adapter names[b] (None: the bare base), as S-LoRA/Punica
+    batch requests for different adapters: each adapted projection runs the base on all rows, then per adapter
+    present one gather, two matmuls and one scatter on its rows; rows without an adapter cost nothing extra.
+    Build the forward (lazily) inside the block; the active adapter is restored after."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        if name is not None:
+            groups.setdefault(name, []).append(row)
+    if len(groups) <= 1 and all(n is not None for n in names) or not groups:
+        with using_adapter(model, next(iter(groups), None)):  # one adapter for all rows, or none at all
+            yield
+        return
+    registry, previous = _registry(model), active_adapter(model)
+    set_active_adapter(model, None)  # checks nothing was replaced behind the registry's back
+    chosen = [(mx.array(rows, dtype=mx.int32), _adapter(registry, name)) for name, rows in groups.items()]
+    for path, wrapper in registry.wrappers.items():
+        loras = [(rows, adapter.loras[path]) for rows, adapter in chosen if path in adapter.loras]
+        if loras:
+            wrapper.row_loras = _RowLoRAs(loras)
+            _set(model, path, wrapper)
+    try:
+        yield
+    finally:
+        for wrapper in registry.wrappers.values():
+            wrapper.row_loras = None
+        set_active_adapter(model, previous)
+
+
+def _adapter(registry: _Registry, name: str) -> _Adapter:
+    if name not in registry.adapters:
+        loaded = ", ".join(registry.adapters) or "none"
+        raise AFMError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+    return registry.adapters[name]
 
 
 def unload_adapter(model: nn.Module, name: str) -> None:
