@@ -185,6 +185,36 @@ def chat(
         _fail(err)
 
 
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH (or PATH), repeatable: served as model "
+                                                            "`afm:NAME` next to the base `afm`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AFM_MLX_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1 (or AFM_MLX_API_KEY)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most sequences decoded in one step."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting for a row; more get 429."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Cap on max_tokens of one request."),
+    max_context: int = typer.Option(4096, "--max-context", help="Context limit: prompt + generated tokens."),
+    prefix_cache_mb: int = typer.Option(256, "--prefix-cache-mb", help="K/V of shared prompt prefixes kept (MiB)."),
+    shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", help="Seconds running requests get to "
+                                                                            "finish after SIGTERM."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics) with continuous batching: concurrent requests share one decode step."""
+    from .server import ServerConfig, serve as run_server
+
+    config = ServerConfig(api_key=api_key, max_tokens_cap=max_tokens, max_context=max_context)
+    try:
+        run_server(model_dir=model, adapters=adapter, host=host, port=port, max_batch=max_batch,
+                   max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, shutdown_timeout=shutdown_timeout,
+                   config=config)
+    except AFMError as err:
+        _fail(err)
+
+
 @app.command("export-adapter")
 def export_adapter(
     adapter: Path = typer.Argument(..., help="Adapter: toolkit checkpoint (adapter-final.pt), .fmadapter package "
