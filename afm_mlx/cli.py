@@ -5,6 +5,7 @@ Each command catches AFMError and prints it as a single line (exit code 1); see 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -213,6 +214,11 @@ def serve(
                    config=config)
     except AFMError as err:
         _fail(err)
+    # Shut down cleanly; skip the C++ static destructors, which abort on the engine thread's thread-local MLX
+    # streams ("terminate called without an active exception", exit -6) after the thread has ended.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command("export-adapter")

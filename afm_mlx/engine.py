@@ -120,6 +120,11 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queued
 
+    @property
+    def prefix_cache_bytes(self) -> int:
+        cache = self.batch.prefix_cache
+        return 0 if cache is None else cache.nbytes
+
     def stop(self, timeout: float = 10.0) -> None:
         """Take no new requests, let running ones finish for up to `timeout` seconds, cancel the rest, join."""
         self._accepting = False
@@ -202,7 +207,8 @@ class Engine:
             ticket = self._tickets.get(uid)
             if ticket is not None:
                 self._deliver(ticket, [piece])
-        self.metrics.record_step(time.monotonic(), tokens, len(self.batch.rows), self._queued)
+        running = sum(not row.finished for row in self.batch.rows)
+        self.metrics.record_step(time.monotonic(), tokens, running, self._queued)
         if self.metrics.steps % 256 == 0:
             mx.clear_cache()
 

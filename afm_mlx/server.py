@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
+import mlx.core as mx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -408,7 +409,9 @@ def prometheus_text(engine: Engine) -> str:
              f"Generated tokens per second over the last {m.WINDOW_S:g} s."),
             ("afm_queue_depth", "gauge", engine.queue_depth, "Requests waiting for a batch row."),
             ("afm_batch_size", "gauge", m.batch_size, "Rows in the last decode step."),
-            ("afm_decode_steps_total", "counter", m.steps, "Batched decode steps.")):
+            ("afm_decode_steps_total", "counter", m.steps, "Batched decode steps."),
+            ("afm_prefix_cache_bytes", "gauge", engine.prefix_cache_bytes, "K/V bytes held for shared prefixes."),
+            ("afm_active_memory_bytes", "gauge", mx.get_active_memory(), "MLX memory in use (weights included).")):
         lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}", f"{name} {value}"]
     return "\n".join(lines) + "\n"
 
