@@ -48,13 +48,13 @@ class BatchKVCache:
     per row. Rows are added from per-sequence KVCaches and removed by index between steps.
     """
 
-    step = KVCache.step
+    step = 32
 
     def __init__(self):
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.lengths: list[int] = []
-        self.offset = mx.array([], dtype=mx.int32)
+        self.offset = _offsets(())
 
     def append(self, keys: mx.array, values: mx.array) -> None:
         """keys/values [B, KV, L, D] at positions lengths[b] .. lengths[b] + L - 1 of each row."""
@@ -99,7 +99,18 @@ class BatchKVCache:
 
     def _set_lengths(self, lengths: list[int]) -> None:
         self.lengths = lengths
-        self.offset = mx.array(lengths, dtype=mx.int32)
+        self.offset = _offsets(tuple(lengths))
+
+
+_last_offsets: tuple = ((), mx.array([], dtype=mx.int32))
+
+
+def _offsets(lengths: tuple[int, ...]) -> mx.array:
+    """The int32 [B] array of these lengths, the same object for every layer of a step (kv's mask cache)."""
+    global _last_offsets
+    if _last_offsets[0] != lengths:
+        _last_offsets = (lengths, mx.array(lengths, dtype=mx.int32))
+    return _last_offsets[1]
 
     @property
     def nbytes(self) -> int:

@@ -83,12 +83,21 @@ def padded_causal_mask(rows: int, length: int, size: int, dtype: mx.Dtype) -> mx
     return mask
 
 
+_last_row_mask: tuple = (None, None, None)  # (lengths array, key, mask): every layer of a batch forward shares one
+
+
 def row_causal_mask(lengths: mx.array, rows: int, size: int, dtype: mx.Dtype) -> mx.array:
     """Additive mask [B, 1, rows, size]: in batch row b, query i sits at position lengths[b] - rows + i and sees
-    keys 0 .. that (slots past a row's length hold another row's padding or rolled-back drafts)."""
-    last_visible = lengths[:, None] - rows + mx.arange(rows)[None, :]  # [B, rows]
-    visible = mx.arange(size)[None, None, :] <= last_visible[..., None]
-    return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[:, None]
+    keys 0 .. that (slots past a row's length hold another row's padding or rolled-back drafts). The layers of
+    one forward pass the same lengths array (afm_mlx.batch), so it is built once per forward."""
+    global _last_row_mask
+    cached_lengths, cached_key, mask = _last_row_mask
+    if cached_lengths is not lengths or cached_key != (rows, size, dtype):
+        last_visible = lengths[:, None] - rows + mx.arange(rows)[None, :]  # [B, rows]
+        visible = mx.arange(size)[None, None, :] <= last_visible[..., None]
+        mask = mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[:, None]
+        _last_row_mask = (lengths, (rows, size, dtype), mask)
+    return mask
 
 
 def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
