@@ -89,14 +89,17 @@ class LoRALinear(nn.Module):
 
 @dataclass
 class _RowLoRAs:
-    """Per-row LoRAs of a batch [B, ...]: (rows int32 [n], LoRA) per adapter present; other rows get none."""
+    """Per-row LoRAs of a batch x [B, L, in], Punica's gathered form: every resident adapter's A and scale * B
+    stacked (slot 0 all zeros, for rows without an adapter), each row's pair picked by index inside the matmul
+    (mx.gather_mm), so a step costs the same two matmuls whatever mix of adapters its rows use."""
 
-    groups: list[tuple[mx.array, LoRA]]
+    a: mx.array  # [1 + adapters, in, R]
+    b: mx.array  # [1 + adapters, R, out], scale folded in
+    rows: mx.array  # uint32 [B]: the slot of each row
 
     def apply(self, y: mx.array, x: mx.array) -> mx.array:
-        for rows, lora in self.groups:
-            y[rows] = add_lora(y[rows], x[rows], (lora.a, lora.b, lora.scale))
-        return y
+        xa = mx.gather_mm(x, self.a, rhs_indices=self.rows)
+        return y + mx.gather_mm(xa, self.b, rhs_indices=self.rows).astype(y.dtype)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class _Registry:
     adapters: dict[str, _Adapter] = field(default_factory=dict)
     wrappers: dict[str, LoRALinear] = field(default_factory=dict)  # module path -> its (re-usable) wrapper
     active: str | None = None
+    stacks: dict[str, tuple[mx.array, mx.array]] | None = None  # module path -> gathered (A, B); see _RowLoRAs
 
 
 def _registry(model: nn.Module) -> _Registry:
@@ -183,6 +187,7 @@ def add_adapter(model: nn.Module, adapter: AdapterWeights, name: str, activate: 
     registry.wrappers.update(wrappers)
     registry.adapters[name] = _Adapter(name, adapter.rank, adapter.scale, adapter.format, adapter.source,
                                        adapter.metadata, loras)
+    registry.stacks = None
     if activate:
         set_active_adapter(model, name)
     return name
@@ -273,31 +278,57 @@ def using_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
 @contextmanager
 def using_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None]:
     """Inside the block, batch row b of a forward gets adapter names[b] (None: the bare base), as S-LoRA/Punica
-    batch requests for different adapters: each adapted projection runs the base on all rows, then per adapter
-    present one gather, two matmuls and one scatter on its rows; rows without an adapter cost nothing extra.
-    Build the forward (lazily) inside the block; the active adapter is restored after."""
-    groups: dict[str, list[int]] = {}
-    for row, name in enumerate(names):
-        if name is not None:
-            groups.setdefault(name, []).append(row)
-    if len(groups) <= 1 and all(n is not None for n in names) or not groups:
-        with using_adapter(model, next(iter(groups), None)):  # one adapter for all rows, or none at all
+    batch requests for different adapters (see _RowLoRAs); rows that all share one adapter (or none) take the
+    plain path, so a batch without adapters costs nothing extra. Build the forward (lazily) inside the block; the
+    active adapter is restored after."""
+    if len(set(names)) <= 1:
+        with using_adapter(model, names[0] if names else None):
             yield
         return
     registry, previous = _registry(model), active_adapter(model)
-    set_active_adapter(model, None)  # checks nothing was replaced behind the registry's back
-    chosen = [(mx.array(rows, dtype=mx.int32), _adapter(registry, name)) for name, rows in groups.items()]
-    for path, wrapper in registry.wrappers.items():
-        loras = [(rows, adapter.loras[path]) for rows, adapter in chosen if path in adapter.loras]
-        if loras:
-            wrapper.row_loras = _RowLoRAs(loras)
-            _set(model, path, wrapper)
+    for name in set(names) - {None}:
+        _adapter(registry, name)  # AFMError for a name not loaded
+    set_active_adapter(model, None)  # also checks nothing was replaced behind the registry's back
+    slot = {name: i + 1 for i, name in enumerate(registry.adapters)}
+    rows = mx.array([0 if n is None else slot[n] for n in names], dtype=mx.uint32)
+    for path, (a, b) in _stacks(registry).items():
+        registry.wrappers[path].row_loras = _RowLoRAs(a, b, rows)
+        _set(model, path, registry.wrappers[path])
     try:
         yield
     finally:
         for wrapper in registry.wrappers.values():
             wrapper.row_loras = None
         set_active_adapter(model, previous)
+
+
+def _stacks(registry: _Registry) -> dict[str, tuple[mx.array, mx.array]]:
+    """Per adapted module, every resident adapter's A [in, R] and scale * B [R, out] stacked behind a zero slot
+    (R: the largest rank x parts; smaller ones zero-padded). Built on first use after adapters change."""
+    if registry.stacks is None:
+        adapters = list(registry.adapters.values())
+        registry.stacks = {path: _stack(adapters, path) for path in registry.wrappers
+                           if any(path in a.loras for a in adapters)}
+        mx.eval(registry.stacks)
+    return registry.stacks
+
+
+def _stack(adapters: list[_Adapter], path: str) -> tuple[mx.array, mx.array]:
+    loras = [a.loras.get(path) for a in adapters]
+    width = max(lora.a.shape[1] for lora in loras if lora is not None)
+    sample = next(lora for lora in loras if lora is not None)
+    a_zero = mx.zeros((sample.a.shape[0], width), sample.a.dtype)
+    b_zero = mx.zeros((width, sample.b.shape[1]), sample.b.dtype)
+    a_parts, b_parts = [a_zero], [b_zero]
+    for lora in loras:
+        if lora is None:
+            a_parts.append(a_zero)
+            b_parts.append(b_zero)
+            continue
+        pad = width - lora.a.shape[1]
+        a_parts.append(mx.pad(lora.a, [(0, 0), (0, pad)]))
+        b_parts.append(mx.pad((lora.scale * lora.b).astype(lora.b.dtype), [(0, pad), (0, 0)]))
+    return mx.stack(a_parts), mx.stack(b_parts)
 
 
 def _adapter(registry: _Registry, name: str) -> _Adapter:
@@ -314,6 +345,7 @@ def unload_adapter(model: nn.Module, name: str) -> None:
     if registry.active == name:
         set_active_adapter(model, None)
     del registry.adapters[name]
+    registry.stacks = None
 
 
 # ---- fusing and export ----
