@@ -18,6 +18,7 @@ _EXPORTS = {
     "convert": "afm_mlx.converters",
     "generate": "afm_mlx.generation",
     "stream_generate": "afm_mlx.generation",
+    "batch_generate": "afm_mlx.batch",
 }
 
 

@@ -73,8 +73,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.lora: LoRA | None = None  # plain attribute: not a parameter, set by set_active_adapter
+        self.row_loras: _RowLoRAs | None = None  # set by using_row_adapters for one batched forward
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.row_loras is not None:
+            return self.row_loras.apply(self.linear(x), x)
         lora = self.lora
         if lora is None:
             return self.linear(x)
@@ -82,6 +85,21 @@ class LoRALinear(nn.Module):
         if isinstance(self.linear, SmallBatchQuantizedLinear):  # on Metal: @ B inside the few-row kernel
             return self.linear(x, lora=term)
         return add_lora(self.linear(x), x, term)
+
+
+@dataclass
+class _RowLoRAs:
+    """Per-row LoRAs of a batch x [B, L, in], Punica's gathered form: every resident adapter's A and scale * B
+    stacked (slot 0 all zeros, for rows without an adapter), each row's pair picked by index inside the matmul
+    (mx.gather_mm), so a step costs the same two matmuls whatever mix of adapters its rows use."""
+
+    a: mx.array  # [1 + adapters, in, R]
+    b: mx.array  # [1 + adapters, R, out], scale folded in
+    rows: mx.array  # uint32 [B]: the slot of each row
+
+    def apply(self, y: mx.array, x: mx.array) -> mx.array:
+        xa = mx.gather_mm(x, self.a, rhs_indices=self.rows)
+        return y + mx.gather_mm(xa, self.b, rhs_indices=self.rows).astype(y.dtype)
 
 
 @dataclass
@@ -104,6 +122,7 @@ class _Registry:
     adapters: dict[str, _Adapter] = field(default_factory=dict)
     wrappers: dict[str, LoRALinear] = field(default_factory=dict)  # module path -> its (re-usable) wrapper
     active: str | None = None
+    stacks: dict[str, tuple[mx.array, mx.array]] | None = None  # module path -> gathered (A, B); see _RowLoRAs
 
 
 def _registry(model: nn.Module) -> _Registry:
@@ -168,6 +187,7 @@ def add_adapter(model: nn.Module, adapter: AdapterWeights, name: str, activate: 
     registry.wrappers.update(wrappers)
     registry.adapters[name] = _Adapter(name, adapter.rank, adapter.scale, adapter.format, adapter.source,
                                        adapter.metadata, loras)
+    registry.stacks = None
     if activate:
         set_active_adapter(model, name)
     return name
@@ -255,6 +275,69 @@ def using_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
         set_active_adapter(model, previous)
 
 
+@contextmanager
+def using_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[None]:
+    """Inside the block, batch row b of a forward gets adapter names[b] (None: the bare base), as S-LoRA/Punica
+    batch requests for different adapters (see _RowLoRAs); rows that all share one adapter (or none) take the
+    plain path, so a batch without adapters costs nothing extra. Build the forward (lazily) inside the block; the
+    active adapter is restored after."""
+    if len(set(names)) <= 1:
+        with using_adapter(model, names[0] if names else None):
+            yield
+        return
+    registry, previous = _registry(model), active_adapter(model)
+    for name in set(names) - {None}:
+        _adapter(registry, name)  # AFMError for a name not loaded
+    set_active_adapter(model, None)  # also checks nothing was replaced behind the registry's back
+    slot = {name: i + 1 for i, name in enumerate(registry.adapters)}
+    rows = mx.array([0 if n is None else slot[n] for n in names], dtype=mx.uint32)
+    for path, (a, b) in _stacks(registry).items():
+        registry.wrappers[path].row_loras = _RowLoRAs(a, b, rows)
+        _set(model, path, registry.wrappers[path])
+    try:
+        yield
+    finally:
+        for wrapper in registry.wrappers.values():
+            wrapper.row_loras = None
+        set_active_adapter(model, previous)
+
+
+def _stacks(registry: _Registry) -> dict[str, tuple[mx.array, mx.array]]:
+    """Per adapted module, every resident adapter's A [in, R] and scale * B [R, out] stacked behind a zero slot
+    (R: the largest rank x parts; smaller ones zero-padded). Built on first use after adapters change."""
+    if registry.stacks is None:
+        adapters = list(registry.adapters.values())
+        registry.stacks = {path: _stack(adapters, path) for path in registry.wrappers
+                           if any(path in a.loras for a in adapters)}
+        mx.eval(registry.stacks)
+    return registry.stacks
+
+
+def _stack(adapters: list[_Adapter], path: str) -> tuple[mx.array, mx.array]:
+    loras = [a.loras.get(path) for a in adapters]
+    width = max(lora.a.shape[1] for lora in loras if lora is not None)
+    sample = next(lora for lora in loras if lora is not None)
+    a_zero = mx.zeros((sample.a.shape[0], width), sample.a.dtype)
+    b_zero = mx.zeros((width, sample.b.shape[1]), sample.b.dtype)
+    a_parts, b_parts = [a_zero], [b_zero]
+    for lora in loras:
+        if lora is None:
+            a_parts.append(a_zero)
+            b_parts.append(b_zero)
+            continue
+        pad = width - lora.a.shape[1]
+        a_parts.append(mx.pad(lora.a, [(0, 0), (0, pad)]))
+        b_parts.append(mx.pad((lora.scale * lora.b).astype(lora.b.dtype), [(0, pad), (0, 0)]))
+    return mx.stack(a_parts), mx.stack(b_parts)
+
+
+def _adapter(registry: _Registry, name: str) -> _Adapter:
+    if name not in registry.adapters:
+        loaded = ", ".join(registry.adapters) or "none"
+        raise AFMError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+    return registry.adapters[name]
+
+
 def unload_adapter(model: nn.Module, name: str) -> None:
     registry = _registry(model)
     if name not in registry.adapters:
@@ -262,6 +345,7 @@ def unload_adapter(model: nn.Module, name: str) -> None:
     if registry.active == name:
         set_active_adapter(model, None)
     del registry.adapters[name]
+    registry.stacks = None
 
 
 # ---- fusing and export ----

@@ -11,6 +11,7 @@ Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -265,6 +266,41 @@ def chat(
     run_chat(model_dir=model, draft_dir=draft, no_draft=no_draft, show_stats=stats, system=system,
              options=options, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, adapters=adapter,
              allow_signature_mismatch=allow_signature_mismatch)
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH (or PATH), repeatable: served as model "
+                                                            "`afm:NAME` next to the base `afm`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AFM_MLX_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1 (or AFM_MLX_API_KEY)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most sequences decoded in one step."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting for a row; more get 429."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Cap on max_tokens of one request."),
+    max_context: int = typer.Option(4096, "--max-context", help="Context limit: prompt + generated tokens."),
+    prefix_cache_mb: int = typer.Option(256, "--prefix-cache-mb", help="K/V of shared prompt prefixes kept (MiB)."),
+    shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", help="Seconds running requests get to "
+                                                                            "finish after SIGTERM."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics) with continuous batching: concurrent requests share one decode step."""
+    from .server import ServerConfig, serve as run_server
+
+    config = ServerConfig(api_key=api_key, max_tokens_cap=max_tokens, max_context=max_context)
+    try:
+        run_server(model_dir=model, adapters=adapter, host=host, port=port, max_batch=max_batch,
+                   max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, shutdown_timeout=shutdown_timeout,
+                   config=config)
+    except AFMError as err:
+        _fail(err)
+    # Shut down cleanly; skip the C++ static destructors, which abort on the engine thread's thread-local MLX
+    # streams ("terminate called without an active exception", exit -6) after the thread has ended.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command("export-adapter")

@@ -43,8 +43,8 @@ def _cores() -> int:  # a syscall (~50 us) on Linux: once per process
 
 
 @lru_cache(maxsize=None)
-def _streams(count: int) -> tuple[mx.Stream, ...]:
-    return tuple(mx.new_stream(mx.cpu) for _ in range(count - 1))
+def _streams(count: int) -> tuple[mx.Stream, ...]:  # thread-local: the server decodes on a thread of its own
+    return tuple(mx.new_thread_local_stream(mx.cpu) for _ in range(count - 1))
 
 
 def row_parallel(matmul, x: mx.array, module: nn.Module, names: tuple[str, ...]) -> mx.array:

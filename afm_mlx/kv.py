@@ -83,13 +83,35 @@ def padded_causal_mask(rows: int, length: int, size: int, dtype: mx.Dtype) -> mx
     return mask
 
 
+_last_row_mask: tuple = (None, None, None)  # (lengths array, key, mask): every layer of a batch forward shares one
+
+
+def row_causal_mask(lengths: mx.array, rows: int, size: int, dtype: mx.Dtype) -> mx.array:
+    """Additive mask [B, 1, rows, size]: in batch row b, query i sits at position lengths[b] - rows + i and sees
+    keys 0 .. that (slots past a row's length hold another row's padding or rolled-back drafts). The layers of
+    one forward pass the same lengths array (afm_mlx.batch), so it is built once per forward."""
+    global _last_row_mask
+    cached_lengths, cached_key, mask = _last_row_mask
+    if cached_lengths is not lengths or cached_key != (rows, size, dtype):
+        last_visible = lengths[:, None] - rows + mx.arange(rows)[None, :]  # [B, rows]
+        visible = mx.arange(size)[None, None, :] <= last_visible[..., None]
+        mask = mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[:, None]
+        _last_row_mask = (lengths, (rows, size, dtype), mask)
+    return mask
+
+
 def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
     """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
 
     Where it pays (kernels.model_uses), int8 histories go to the kernel that reads the codes;
     otherwise dequantise + SDPA ("causal" is lower-right aligned), over the whole buffer with an explicit mask
-    for a few rows on PADDED_ATTENTION_BACKENDS.
+    for a few rows on PADDED_ATTENTION_BACKENDS. A batch whose rows have their own lengths (kv.length an int32
+    array [B], afm_mlx.batch) attends over the whole buffer with a per-row mask.
     """
+    if isinstance(kv.length, mx.array):
+        keys, values = kv.floats(q.dtype, padded=True)
+        mask = row_causal_mask(kv.length, q.shape[2], keys.shape[2], q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     if kv.key_scale is not None and kernels.model_uses("kv_attention"):
         return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
                                     kv_len=kv.length)

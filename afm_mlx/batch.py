@@ -1,0 +1,416 @@
+"""Continuous batching: many sequences decoded in one forward per step, joining and leaving between steps.
+
+    results = afm_mlx.batch_generate(model, tokenizer, ["Hi", "Tell me about the sea."], max_tokens=64)
+    batch = BatchGenerator(model, tokenizer, max_batch=32)       # the scheduler under it (and under the server)
+    uid = batch.submit(BatchRequest(ids, SamplingParams(temperature=0.7, seed=1), max_tokens=64, adapter="mail"))
+    while batch.busy:
+        for uid, response in batch.step(): ...                    # GenerationResponse pieces, as stream_generate's
+
+Each row has its own position, sampling parameters, key stream, stop strings, token budget and adapter. A joining
+row is prefilled alone (exactly as `generate` does, reusing a cached prompt prefix where one matches), then its
+caches join the batch: `BatchKVCache` holds every row's K/V in one buffer [B, KV, S_alloc, D] with a length per
+row, RoPE takes the per-row positions, and attention masks each row's slots past its own length. Leaving rows
+are dropped from the buffer between steps (one gather). Decoding is pipelined as in `plain_decode`: step n + 1
+is queued before step n's tokens are read, so a row that just finished costs one wasted row-step.
+
+At temperature 0 a row's tokens equal the same request run alone (`tests/test_batch.py`), and at T > 0 with a
+seed too: each row draws from its own key stream exactly as `plain_decode` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import mlx.core as mx
+
+from .adapters import list_adapters, using_adapter, using_row_adapters
+from .cache import KVCache
+from .errors import AFMError
+from .generation import (DEFAULT_MAX_CONTEXT, PREFILL_CHUNK_SIZE, GenerationResponse, GenerationResult, Prompt,
+                         StopStrings, _check_positive_int, _recent_window, _token_budget, prompt_ids)
+from .model import Model
+from .prefix_cache import PrefixCache
+from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, sample_token
+from .stats import GenerationStats
+
+
+# ---- the batched cache
+
+
+class BatchKVCache:
+    """One regular layer's K/V for a batch: keys/values [B, KV, S_alloc, D], row b valid up to lengths[b].
+
+    The model's layers use it as a KVCache: `offset` (int32 [B], each row's next position) drives RoPE, `append`
+    writes each row's new K/V at its own offset, and a history whose length is an array makes `kv.attend` mask
+    per row. Rows are added from per-sequence KVCaches and removed by index between steps.
+    """
+
+    step = 32
+
+    def __init__(self):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.lengths: list[int] = []
+        self.offset = _offsets(())
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """keys/values [B, KV, L, D] at positions lengths[b] .. lengths[b] + L - 1 of each row."""
+        new = keys.shape[2]
+        self._reserve(max(self.lengths) + new)
+        index = mx.broadcast_to((self.offset[:, None] + mx.arange(new))[:, None, :, None], keys.shape)
+        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        self._set_lengths([n + new for n in self.lengths])
+
+    def add_rows(self, caches: list[KVCache], like: mx.array) -> None:
+        """Append rows holding these single-sequence caches (B = 1 each; `like`: a [1, KV, 1, D] K/V template)."""
+        lengths = self.lengths + [c.offset for c in caches]
+        size = _round_up(max(lengths) + 1, self.step)
+        parts = [] if self.keys is None else [(_pad(self.keys, size), _pad(self.values, size))]
+        for c in caches:
+            k, v = c.state or (like[:, :, :0], like[:, :, :0])
+            parts.append((_pad(k, size), _pad(v, size)))
+        self.keys = mx.concatenate([k for k, _ in parts], axis=0)
+        self.values = mx.concatenate([v for _, v in parts], axis=0)
+        self._set_lengths(lengths)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); the buffer shrinks to what the longest kept row needs."""
+        lengths = [self.lengths[r] for r in rows]
+        if not rows:
+            self.__init__()
+            return
+        size = min(self.keys.shape[2], _round_up(max(lengths) + 1, self.step))
+        index = mx.array(rows, dtype=mx.int32)
+        self.keys, self.values = self.keys[index, :, :size], self.values[index, :, :size]
+        self._set_lengths(lengths)
+
+    def trim_rows(self, counts: list[int]) -> None:
+        """Forget the last counts[b] positions of each row (per-row speculative rollback; slots stay, masked)."""
+        self._set_lengths([n - min(max(c, 0), n) for n, c in zip(self.lengths, counts)])
+
+    def _reserve(self, needed: int) -> None:
+        if needed > self.keys.shape[2]:
+            size = _round_up(needed, self.step)
+            self.keys, self.values = _pad(self.keys, size), _pad(self.values, size)
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.offset = _offsets(tuple(lengths))
+
+
+_last_offsets: tuple = ((), mx.array([], dtype=mx.int32))
+
+
+def _offsets(lengths: tuple[int, ...]) -> mx.array:
+    """The int32 [B] array of these lengths, the same object for every layer of a step (kv's mask cache)."""
+    global _last_offsets
+    if _last_offsets[0] != lengths:
+        _last_offsets = (lengths, mx.array(lengths, dtype=mx.int32))
+    return _last_offsets[1]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def _round_up(n: int, step: int) -> int:
+    return (n + step - 1) // step * step
+
+
+def _pad(x: mx.array, size: int) -> mx.array:
+    """x [B, KV, S, D] zero-padded (or cut) to S = size."""
+    if x.shape[2] >= size:
+        return x[:, :, :size]
+    return mx.pad(x, [(0, 0), (0, 0), (0, size - x.shape[2]), (0, 0)])
+
+
+def kv_template(model: Model) -> mx.array:
+    """A [1, KV, 1, D] array of the dtype the model caches (int8 codes under kv-quant, else its float dtype)."""
+    attn = model.model.layers[0].self_attn
+    args = model.args
+    proj = attn.qkv_proj.linear if hasattr(attn.qkv_proj, "linear") else attn.qkv_proj
+    dtype = mx.int8 if attn.kv_quant else (proj["scales"] if "scales" in proj else proj["weight"]).dtype
+    return mx.zeros((1, args.num_kv_heads, 1, args.head_dim), dtype=dtype)
+
+
+# ---- requests and rows
+
+
+@dataclass
+class BatchRequest:
+    """One sequence to generate: prompt ids and how to decode them (options as for stream_generate)."""
+
+    ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: Sequence[str] | str | None = None
+    adapter: str | None = None
+    max_context: int = DEFAULT_MAX_CONTEXT
+    top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float  # log-softmax of the raw logits (before temperature and filters), as OpenAI reports them
+    top: list[tuple[int, float]]  # the best ids and their logprobs, best first
+
+
+@dataclass
+class BatchResponse(GenerationResponse):
+    """A GenerationResponse with the logprobs of its tokens (empty unless the request asked)."""
+
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Row:
+    """A sequence in the batch: its history, key stream, penalty window and the text it has produced."""
+
+    def __init__(self, uid: int, request: BatchRequest, tokenizer, limit: int, limit_reason: str):
+        self.uid, self.request, self.params = uid, request, request.params
+        self.keys = RandomKeys(request.params.seed)
+        self.history = list(request.ids)
+        self.recent = _recent_window(self.history, self.params)
+        self.stops, self.detokenizer, self.stop_ids = StopStrings(request.stop), tokenizer.detokenizer(), \
+            tokenizer.stop_ids
+        self.limit, self.limit_reason = limit, limit_reason
+        self.stats = GenerationStats(prompt_tokens=len(request.ids), seed=self.keys.seed)
+        self.start = time.perf_counter()
+        self.finished = False
+
+    @property
+    def simple(self) -> bool:
+        """Greedy without a penalty: its token is the batch argmax's, no per-row work."""
+        return self.params.greedy and self.recent is None
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """This row's next token [1] from its logits [1, V], as plain_decode draws it (same keys, same order)."""
+        if self.recent is not None:
+            logits = apply_repetition_penalty(logits, self.recent, self.params.repetition_penalty)
+        token, _ = sample_token(logits, self.params, None if self.params.greedy else self.keys.next())
+        if self.recent is not None:
+            self.recent = mx.concatenate([self.recent[:, 1:], token[:, None]], axis=1)
+        return token
+
+    def feed(self, token: int, logprob: TokenLogprob | None = None) -> list[BatchResponse]:
+        """Take one generated token; the pieces of text it makes final (the last one closes the row)."""
+        self.history.append(token)
+        stats = self.stats
+        stats.generated_tokens += 1
+        if stats.generated_tokens == 1:
+            stats.ttft_s = time.perf_counter() - self.start
+        if token in self.stop_ids:
+            return [self._piece("", [token], logprob)] + self._close("stop", final_text=False)
+        out = [self._piece(self.stops.feed(self.detokenizer.add(token)), [token], logprob)]
+        if self.stops.stopped:
+            return out + self._close("stop", final_text=False)
+        if stats.generated_tokens >= self.limit:
+            return out + self._close(self.limit_reason)
+        return out
+
+    def cancel(self) -> list[BatchResponse]:
+        return self._close("cancelled", final_text=False)
+
+    def _piece(self, text: str, tokens: list[int], logprob: TokenLogprob | None) -> BatchResponse:
+        return BatchResponse(text, tokens, logprobs=[logprob] if logprob is not None else [])
+
+    def _close(self, reason: str, final_text: bool = True) -> list[BatchResponse]:
+        self.finished = True
+        stats = self.stats
+        stats.finish_reason = reason
+        stats.decode_s = time.perf_counter() - self.start - stats.prefill_s
+        tail = ""
+        if final_text:
+            tail = self.stops.feed(self.detokenizer.finalize())
+            tail += "" if self.stops.stopped else self.stops.flush()
+            stats.finish_reason = "stop" if self.stops.stopped else reason
+        return [BatchResponse(tail, [], stats.finish_reason, stats)]
+
+
+# ---- the scheduler
+
+
+class BatchGenerator:
+    """Runs every admitted sequence one token per step in one batched forward (see the module docstring).
+
+    Not thread-safe: one thread calls submit / cancel / step (afm_mlx.engine puts it behind a queue).
+    """
+
+    def __init__(self, model: Model, tokenizer, *, max_batch: int = 32, prefill_chunk_size: int = PREFILL_CHUNK_SIZE,
+                 prefix_cache: PrefixCache | None = None):
+        _check_positive_int("max_batch", max_batch)
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.prefill_chunk_size, self.prefix_cache = prefill_chunk_size, prefix_cache
+        self.cache = [BatchKVCache() for _ in model.model.layers]
+        self.template = kv_template(model)
+        self.rows: list[Row] = []  # batch order: row b of the caches and of the in-flight tokens
+        self.waiting: deque[Row] = deque()
+        self.in_flight: tuple[mx.array, mx.array | None] | None = None  # (tokens [B], logprobs) of the last step
+        self._uid = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def check(self, request: BatchRequest) -> tuple[int, str]:
+        """AFMError if the request cannot run (over the context, a bad id, an unknown adapter); else its token
+        budget and the finish reason at it. Reads nothing the step changes: any thread may call it."""
+        _check_positive_int("max_tokens", request.max_tokens)
+        _check_positive_int("max_context", request.max_context)
+        if not request.ids or not all(0 <= t < self.tokenizer.vocab_size for t in request.ids):
+            raise AFMError("the prompt must be a non-empty list of ids inside the vocabulary")
+        loaded = list_adapters(self.model)
+        if request.adapter is not None and request.adapter not in loaded:
+            raise AFMError(f"no adapter named {request.adapter!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
+        return _token_budget(len(request.ids), request.max_tokens, request.max_context)
+
+    def submit(self, request: BatchRequest) -> int:
+        """Queue a request (checked first, see `check`); returns its id."""
+        limit, reason = self.check(request)
+        self._uid += 1
+        self.waiting.append(Row(self._uid, request, self.tokenizer, limit, reason))
+        return self._uid
+
+    def cancel(self, uid: int) -> list[BatchResponse]:
+        """Stop a request now: a waiting one never starts, a running one leaves the batch at the next step."""
+        for row in [*self.waiting, *self.rows]:
+            if row.uid == uid and not row.finished:
+                if row in self.waiting:
+                    self.waiting.remove(row)
+                return row.cancel()
+        return []
+
+    def step(self) -> list[tuple[int, BatchResponse]]:
+        """Drop finished rows, admit waiting ones, queue one decode step, hand out the previous step's tokens."""
+        self._drop_finished()
+        joined = self._admit()
+        previous, previous_rows = self.in_flight, list(self.rows[: len(self.rows) - len(joined)])
+        self.in_flight = self._decode(joined) if self.rows else None
+        events = self._read(previous, previous_rows) if previous is not None else []
+        return events
+
+    def _drop_finished(self) -> None:
+        keep = [b for b, row in enumerate(self.rows) if not row.finished]
+        if len(keep) == len(self.rows):
+            return
+        for c in self.cache:
+            c.keep_rows(keep)
+        if self.in_flight is not None and keep:
+            index = mx.array(keep, dtype=mx.int32)
+            tokens, logprobs = self.in_flight
+            self.in_flight = tokens[index], None if logprobs is None else logprobs[index]
+        self.in_flight = self.in_flight if keep else None
+        self.rows = [self.rows[b] for b in keep]
+
+    def _admit(self) -> list[Row]:
+        """Prefill waiting rows (up to max_batch in all) alone and add their caches to the batch."""
+        joined = []
+        while self.waiting and len(self.rows) + len(joined) < self.max_batch:
+            joined.append(self.waiting.popleft())
+        caches = [self._prefill(row) for row in joined]
+        for layer, c in enumerate(self.cache):
+            if caches:
+                c.add_rows([rc[layer] for rc in caches], self.template)
+        self.rows += joined
+        return joined
+
+    def _prefill(self, row: Row) -> list[KVCache]:
+        """The row's caches holding its prompt but the last id, as PromptCache.prefill leaves them."""
+        target = row.history[:-1]
+        cache, reused = (self.prefix_cache.lookup(target, row.request.adapter) if self.prefix_cache is not None
+                         else (self.model.make_cache(), 0))
+        if len(target) > reused:
+            with using_adapter(self.model, row.request.adapter):
+                self.model.prefill(mx.array([target[reused:]], dtype=mx.int32), cache, self.prefill_chunk_size)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(target, row.request.adapter, cache)
+        row.stats.cached_prompt_tokens = reused
+        row.stats.prefill_s = time.perf_counter() - row.start
+        return cache
+
+    def _decode(self, joined: list[Row]) -> tuple[mx.array, mx.array | None]:
+        """Queue one step for every row: tokens [B] (and, when a row asked, logprob rows [B, V])."""
+        inputs = [mx.array([row.history[-1] for row in joined], dtype=mx.int32)] if joined else []
+        if self.in_flight is not None:
+            inputs.insert(0, self.in_flight[0])
+        x = mx.concatenate(inputs)[:, None] if len(inputs) > 1 else inputs[0][:, None]
+        with using_row_adapters(self.model, [row.request.adapter for row in self.rows]):
+            logits = self.model(x, self.cache, num_logits=1)[:, -1]
+        tokens = self._sample(logits)
+        logprobs = None
+        if any(row.request.top_logprobs is not None for row in self.rows):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.async_eval(tokens if logprobs is None else (tokens, logprobs))
+        return tokens, logprobs
+
+    def _sample(self, logits: mx.array) -> mx.array:
+        """Each row's token: the argmax for greedy rows without a penalty (one op for all), else its own draw."""
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)
+        if all(row.simple for row in self.rows):
+            return greedy
+        parts = [greedy[b:b + 1] if row.simple else row.sample(logits[b:b + 1]) for b, row in enumerate(self.rows)]
+        return mx.concatenate(parts)
+
+    def _read(self, step: tuple[mx.array, mx.array | None], rows: list[Row]) -> list[tuple[int, BatchResponse]]:
+        tokens, logprobs = step
+        events = []
+        for b, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            if row.finished:
+                continue
+            lp = _logprob(logprobs[b], token, row.request.top_logprobs) if row.request.top_logprobs is not None \
+                else None
+            events += [(row.uid, piece) for piece in row.feed(token, lp)]
+        return events
+
+
+def _logprob(row: mx.array, token: int, top: int) -> TokenLogprob:
+    best = mx.argsort(-row)[:top] if top else mx.array([], dtype=mx.int32)
+    values = row[best].tolist() if top else []
+    return TokenLogprob(token, row[token].item(), list(zip(best.tolist(), values)))
+
+
+# ---- the library call
+
+
+def batch_generate(model: Model, tokenizer, prompts: Sequence[Prompt], *, max_batch: int = 32,
+                   system: str | None = None, raw: bool = False, options: Sequence[dict] | None = None,
+                   **shared) -> list[GenerationResult]:
+    """Generate for every prompt at once (continuous batching, at most max_batch rows per step).
+
+    shared: options for every prompt (max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+    stop, adapter, max_context, top_logprobs); options: one dict per prompt overriding them. Each result equals the
+    prompt run alone with afm_mlx.generate (greedy; or sampled with a seed) without a draft.
+    """
+    per_prompt = options if options is not None else [{}] * len(prompts)
+    if len(per_prompt) != len(prompts):
+        raise AFMError(f"{len(prompts)} prompts but {len(per_prompt)} option dicts")
+    batch = BatchGenerator(model, tokenizer, max_batch=max_batch)
+    order = [batch.submit(make_request(tokenizer, prompt, system=system, raw=raw, **{**shared, **extra}))
+             for prompt, extra in zip(prompts, per_prompt)]
+    pieces: dict[int, list[BatchResponse]] = {uid: [] for uid in order}
+    while batch.busy:
+        for uid, piece in batch.step():
+            pieces[uid].append(piece)
+    return [_result(pieces[uid]) for uid in order]
+
+
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_context_size", "seed")
+
+
+def make_request(tokenizer, prompt: Prompt, *, system: str | None = None, raw: bool = False,
+                 **options) -> BatchRequest:
+    """A BatchRequest from a prompt (as stream_generate takes it) and stream_generate-style options."""
+    unknown = set(options) - set(SAMPLING) - {"max_tokens", "stop", "adapter", "max_context", "top_logprobs"}
+    if unknown:
+        raise AFMError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    params = SamplingParams(**{k: options.pop(k) for k in SAMPLING if k in options})
+    return BatchRequest(prompt_ids(tokenizer, prompt, system=system, raw=raw), params, **options)
+
+
+def _result(pieces: list[BatchResponse]) -> GenerationResult:
+    stats = pieces[-1].stats
+    return GenerationResult("".join(p.text for p in pieces), [t for p in pieces for t in p.tokens], stats)

@@ -1,0 +1,246 @@
+"""`afm-mlx serve` under concurrent clients, against the bare batched forward it is built on, on the demo family.
+
+    python benchmarks/serve_bench.py                      # 1, 4, 16, 32 clients; results/serve/serve.{json,md}
+    python benchmarks/serve_bench.py --clients 1,4 --trials 1 --max-tokens 32
+
+Per trial and client count C (interleaved, so slow phases of a shared machine hit every setting alike):
+- bare: the batched forward alone at batch size C (afm_mlx.batch.BatchKVCache, greedy argmax, pipelined as the
+  engine decodes): the ceiling for a server at C rows;
+- server: C concurrent streaming clients (httpx, raw SSE) against a live `afm-mlx serve` on 127.0.0.1, each
+  sending --requests completions of --max-tokens tokens in turn: aggregate tokens/s over the whole run, time to
+  first token and inter-token latency (p50 / p99 over all requests);
+- ratio: server / bare tokens/s at the same C (scheduling, HTTP, detokenizing and streaming cost: 1 - ratio).
+Adapters: the batch engine (BatchGenerator) with --adapter-rows rows, none vs 4 different random rank-32 adapters
+spread over the rows (one per row, round robin), tokens/s per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+import afm_mlx
+from afm_mlx.adapters import add_adapter
+from afm_mlx.batch import BatchGenerator, BatchKVCache, kv_template, make_request
+from afm_mlx.bench.suite import random_adapter
+
+ROOT = Path(__file__).resolve().parent
+PROMPTS = [p[:300] for novel in json.loads((ROOT / "prompts_held_out.json").read_text())["held_out"].values()
+           for p in novel]
+
+
+# ---- the bare batched forward
+
+
+def bare_tps(model, tokenizer, rows: int, steps: int) -> float:
+    """Greedy tokens/s of the batched forward alone: `rows` prompts prefilled, then `steps` pipelined steps."""
+    prompts = [tokenizer.encode_prompt(PROMPTS[i % len(PROMPTS)], raw=True) for i in range(rows)]
+    singles = []
+    for ids in prompts:
+        cache = model.make_cache()
+        model.prefill(mx.array([ids[:-1]]), cache)
+        singles.append(cache)
+    batch = [BatchKVCache() for _ in model.model.layers]
+    for layer, cache in enumerate(batch):
+        cache.add_rows([s[layer] for s in singles], kv_template(model))
+    step = lambda x: mx.argmax(model(x[:, None], batch, num_logits=1)[:, -1], axis=-1)  # noqa: E731
+    y = step(mx.array([ids[-1] for ids in prompts]))
+    mx.eval(y)
+    start = time.perf_counter()
+    for _ in range(steps):
+        following = step(y)
+        mx.async_eval(following)
+        y.tolist()
+        y = following
+    return rows * steps / (time.perf_counter() - start)
+
+
+# ---- the server under load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    import httpx2 as httpx
+
+    port = free_port()
+    exe = Path(sys.executable).parent / "afm-mlx"
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), *args], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "afm", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start, times, tokens = time.perf_counter(), [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif event["choices"] and event["choices"][0]["text"]:
+                times.append(time.perf_counter())
+    ttft = times[0] - start if times else None
+    return {"tokens": tokens, "ttft": ttft, "itl": [b - a for a, b in zip(times, times[1:])]}
+
+
+async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    import httpx2 as httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def one_client(c: int):
+            return [await one_request(client, url, PROMPTS[(c * requests + r) % len(PROMPTS)], max_tokens)
+                    for r in range(requests)]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(one_client(c) for c in range(clients))) for r in rs]
+        wall = time.perf_counter() - start
+    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+    itls = [x for r in results for x in r["itl"]]
+    return {"tps": sum(r["tokens"] for r in results) / wall, "tokens": sum(r["tokens"] for r in results),
+            "ttft_p50_ms": 1000 * pct(ttfts, 50), "ttft_p99_ms": 1000 * pct(ttfts, 99),
+            "itl_p50_ms": 1000 * pct(itls, 50), "itl_p99_ms": 1000 * pct(itls, 99)}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+# ---- adapters in one batch
+
+
+def engine_tps(model, tokenizer, rows: int, adapters: list[str | None], max_tokens: int) -> float:
+    """The batch engine's tokens/s with `rows` rows, row i using adapters[i % len(adapters)]."""
+    batch = BatchGenerator(model, tokenizer, max_batch=rows)
+    for i in range(rows):
+        batch.submit(make_request(tokenizer, PROMPTS[i % len(PROMPTS)], raw=True, max_tokens=max_tokens,
+                                  adapter=adapters[i % len(adapters)]))
+    batch.step()  # admission (prefill) is not decode throughput
+    start, tokens = time.perf_counter(), 0
+    while batch.busy:
+        tokens += sum(len(piece.tokens) for _, piece in batch.step())
+    return tokens / (time.perf_counter() - start)
+
+
+def bench_adapters(model, tokenizer, rows: int, trials: int, max_tokens: int) -> dict:
+    names = [add_adapter(model, random_adapter(model.args, 32, seed), f"bench-{seed}") for seed in range(4)]
+    engine_tps(model, tokenizer, rows, names, 4)  # warm-up
+    runs = {"none": [], "four": []}
+    for _ in range(trials):
+        runs["none"].append(engine_tps(model, tokenizer, rows, [None], max_tokens))
+        runs["four"].append(engine_tps(model, tokenizer, rows, names, max_tokens))
+    ratios = [f / n for n, f in zip(runs["none"], runs["four"])]
+    return {"rows": rows, "rank": 32, "none_tps": statistics.median(runs["none"]),
+            "four_adapters_tps": statistics.median(runs["four"]), "ratio": statistics.median(ratios),
+            "ratios": ratios}
+
+
+# ---- driver
+
+
+def run(opts) -> dict:
+    model, tokenizer = afm_mlx.load(draft=False)
+    proc, url = start_server("--max-batch", str(max(opts.clients)), "--max-queue", "256")
+    try:
+        asyncio.run(load(url, 2, 1, 8))  # warm-up
+        trials = {c: {"bare": [], "server": []} for c in opts.clients}
+        for _ in range(opts.trials):
+            for c in opts.clients:
+                trials[c]["bare"].append(bare_tps(model, tokenizer, c, opts.max_tokens))
+                trials[c]["server"].append(asyncio.run(load(url, c, opts.requests, opts.max_tokens)))
+    finally:
+        exit_code = stop_server(proc)
+    rows = [summarise(c, t) for c, t in trials.items()]
+    adapters = bench_adapters(model, tokenizer, opts.adapter_rows, opts.trials, opts.max_tokens)
+    return {"machine": machine(), "options": vars(opts), "server_exit_code": exit_code, "rows": rows,
+            "adapters": adapters}
+
+
+def summarise(clients: int, t: dict) -> dict:
+    ratios = [s["tps"] / b for b, s in zip(t["bare"], t["server"])]
+    server = {k: statistics.median(s[k] for s in t["server"]) for k in t["server"][0]}
+    return {"clients": clients, "bare_tps": statistics.median(t["bare"]), **{f"server_{k}": v for k, v in
+                                                                              server.items()},
+            "ratio": statistics.median(ratios), "ratios": ratios}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "device": str(mx.default_device()), "mlx": mx.__version__, "load_avg": os.getloadavg(),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=ROOT).stdout.strip()}
+
+
+def markdown(result: dict) -> str:
+    o = result["options"]
+    lines = [f"# afm-mlx serve vs the bare batched forward (demo family, {result['machine']['device']})", "",
+             f"{o['requests']} completions of {o['max_tokens']} tokens per client, greedy, streamed; medians of "
+             f"{o['trials']} interleaved trials; commit {result['machine']['commit']}, load average "
+             f"{', '.join(f'{x:.1f}' for x in result['machine']['load_avg'])}.", "",
+             "| clients | bare forward tok/s | server tok/s | server / bare | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['clients']} | {r['bare_tps']:.1f} | {r['server_tps']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['server_ttft_p50_ms']:.0f} / {r['server_ttft_p99_ms']:.0f} | "
+                     f"{r['server_itl_p50_ms']:.0f} / {r['server_itl_p99_ms']:.0f} |")
+    a = result["adapters"]
+    lines += ["", f"Adapters (batch engine, {a['rows']} rows, rank {a['rank']}): no adapter {a['none_tps']:.1f} "
+                  f"tok/s, 4 different adapters in the batch {a['four_adapters_tps']:.1f} tok/s, ratio "
+                  f"{a['ratio']:.2f} (per trial: {', '.join(f'{x:.2f}' for x in a['ratios'])}).",
+              "", f"Server exit code after SIGTERM: {result['server_exit_code']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", default="1,4,16,32", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--requests", type=int, default=2, help="Requests per client, one after the other.")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--adapter-rows", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve")
+    opts = parser.parse_args()
+    result = run(opts)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "serve.json").write_text(json.dumps(result, indent=1, default=str))
+    (opts.out / "serve.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
