@@ -189,6 +189,7 @@ def guided_decode(model: Model, cache: list[KVCache], history: list[int], params
         allowed = mx.array(constraint.allowed())
         y, _, recent = next_token(mask_logits(logits, allowed), params, None if params.greedy else keys.next(),
                                   recent)
+        mx.async_eval(y)  # y's own evaluation: reading it below must not wait for the forward queued next
         if n + 1 < limit:
             logits = model(y[:, None], cache, num_logits=1)[:, -1]
             mx.async_eval(logits)

@@ -70,6 +70,7 @@ def propose_guided(draft: Model, cache: list[KVCache], pending: mx.array, k: int
     for i in range(k):
         masks.append(mx.array(constraint.allowed()))  # host work, while the draft forward runs
         token, q, recent = next_token(mask_logits(logits, masks[-1]), params, keys[i], recent)
+        mx.async_eval(token if params.greedy else (token, q))  # read below without waiting for the next forward
         if i + 1 < k:
             logits = draft(token[:, None], cache, num_logits=1)[:, -1]
             mx.async_eval(logits)
