@@ -30,10 +30,12 @@ from .adapters import list_adapters, using_adapter, using_row_adapters
 from .cache import KVCache
 from .errors import AFMError
 from .generation import (DEFAULT_MAX_CONTEXT, PREFILL_CHUNK_SIZE, GenerationResponse, GenerationResult, Prompt,
-                         StopStrings, _check_positive_int, _recent_window, _token_budget, prompt_ids)
+                         GUIDED_OPTIONS, StopStrings, _check_positive_int, _recent_window, _token_budget,
+                         interpret_guided, prompt_ids)
+from .guided import Guide, make_guide
 from .model import Model
 from .prefix_cache import PrefixCache
-from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, sample_token
+from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, mask_logits, sample_token
 from .stats import GenerationStats
 
 
@@ -151,6 +153,7 @@ class BatchRequest:
     adapter: str | None = None
     max_context: int = DEFAULT_MAX_CONTEXT
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
+    guide: Guide | None = None  # afm_mlx.guided: every token drawn inside its grammar (the ids already render it)
 
 
 @dataclass
@@ -175,8 +178,10 @@ class Row:
         self.keys = RandomKeys(request.params.seed)
         self.history = list(request.ids)
         self.recent = _recent_window(self.history, self.params)
-        self.stops, self.detokenizer, self.stop_ids = StopStrings(request.stop), tokenizer.detokenizer(), \
-            tokenizer.stop_ids
+        self.constraint = request.guide.constraint(tokenizer.vocab_size) if request.guide is not None else None
+        self.stops, self.stop_ids = StopStrings(request.stop), tokenizer.stop_ids
+        self.detokenizer = self.constraint.detokenizer() if self.constraint is not None else tokenizer.detokenizer()
+        self.text: list[str] = []  # a guided row's text, to say what it means at the end
         self.limit, self.limit_reason = limit, limit_reason
         self.stats = GenerationStats(prompt_tokens=len(request.ids), seed=self.keys.seed)
         self.start = time.perf_counter()
@@ -184,11 +189,14 @@ class Row:
 
     @property
     def simple(self) -> bool:
-        """Greedy without a penalty: its token is the batch argmax's, no per-row work."""
-        return self.params.greedy and self.recent is None
+        """Greedy without a penalty or a grammar: its token is the batch argmax's, no per-row work."""
+        return self.params.greedy and self.recent is None and self.constraint is None
 
     def sample(self, logits: mx.array) -> mx.array:
-        """This row's next token [1] from its logits [1, V], as plain_decode draws it (same keys, same order)."""
+        """This row's next token [1] from its logits [1, V], as plain_decode (or guided_decode) draws it: the same
+        keys in the same order, the grammar's mask first."""
+        if self.constraint is not None:
+            logits = mask_logits(logits, mx.array(self.constraint.allowed()[:, : logits.shape[-1]]))
         if self.recent is not None:
             logits = apply_repetition_penalty(logits, self.recent, self.params.repetition_penalty)
         token, _ = sample_token(logits, self.params, None if self.params.greedy else self.keys.next())
@@ -198,6 +206,8 @@ class Row:
 
     def feed(self, token: int, logprob: TokenLogprob | None = None) -> list[BatchResponse]:
         """Take one generated token; the pieces of text it makes final (the last one closes the row)."""
+        if self.constraint is not None:
+            self.constraint.consume([token])
         self.history.append(token)
         stats = self.stats
         stats.generated_tokens += 1
@@ -216,6 +226,7 @@ class Row:
         return self._close("cancelled", final_text=False)
 
     def _piece(self, text: str, tokens: list[int], logprob: TokenLogprob | None) -> BatchResponse:
+        self.text.append(text)
         return BatchResponse(text, tokens, logprobs=[logprob] if logprob is not None else [])
 
     def _close(self, reason: str, final_text: bool = True) -> list[BatchResponse]:
@@ -228,7 +239,12 @@ class Row:
             tail = self.stops.feed(self.detokenizer.finalize())
             tail += "" if self.stops.stopped else self.stops.flush()
             stats.finish_reason = "stop" if self.stops.stopped else reason
-        return [BatchResponse(tail, [], stats.finish_reason, stats)]
+        self.text.append(tail)
+        guided = None
+        if self.constraint is not None:
+            generated = self.history[len(self.request.ids):]
+            guided = interpret_guided(self.request.guide, "".join(self.text), generated, stats)
+        return [BatchResponse(tail, [], stats.finish_reason, stats, guided)]
 
 
 # ---- the scheduler
@@ -285,13 +301,26 @@ class BatchGenerator:
         return []
 
     def step(self) -> list[tuple[int, BatchResponse]]:
-        """Drop finished rows, admit waiting ones, queue one decode step, hand out the previous step's tokens."""
+        """Drop finished rows, admit waiting ones, queue one decode step, hand out the previous step's tokens.
+
+        With a guided row in the batch, the step's forward is queued first, then the previous tokens are read (each
+        guided row's matcher takes its token), then the draws are queued under the grammars' masks: the masks are
+        computed on the host while the device runs the forward.
+        """
         self._drop_finished()
         joined = self._admit()
         previous, previous_rows = self.in_flight, list(self.rows[: len(self.rows) - len(joined)])
-        self.in_flight = self._decode(joined) if self.rows else None
-        events = self._read(previous, previous_rows) if previous is not None else []
-        return events
+        if not self.rows:
+            self.in_flight = None
+            return self._read(previous, previous_rows) if previous is not None else []
+        logits = self._forward(joined)
+        if any(row.constraint is not None for row in self.rows):
+            mx.async_eval(logits)
+            events = self._read(previous, previous_rows) if previous is not None else []
+            self.in_flight = self._draw(logits)
+            return events
+        self.in_flight = self._draw(logits)
+        return self._read(previous, previous_rows) if previous is not None else []
 
     def _drop_finished(self) -> None:
         keep = [b for b, row in enumerate(self.rows) if not row.finished]
@@ -332,14 +361,17 @@ class BatchGenerator:
         row.stats.prefill_s = time.perf_counter() - row.start
         return cache
 
-    def _decode(self, joined: list[Row]) -> tuple[mx.array, mx.array | None]:
-        """Queue one step for every row: tokens [B] (and, when a row asked, logprob rows [B, V])."""
+    def _forward(self, joined: list[Row]) -> mx.array:
+        """One forward for every row (lazy): the next-token logits [B, V]."""
         inputs = [mx.array([row.history[-1] for row in joined], dtype=mx.int32)] if joined else []
         if self.in_flight is not None:
             inputs.insert(0, self.in_flight[0])
         x = mx.concatenate(inputs)[:, None] if len(inputs) > 1 else inputs[0][:, None]
         with using_row_adapters(self.model, [row.request.adapter for row in self.rows]):
-            logits = self.model(x, self.cache, num_logits=1)[:, -1]
+            return self.model(x, self.cache, num_logits=1)[:, -1]
+
+    def _draw(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """Queue every row's draw: tokens [B] (and, when a row asked, logprob rows [B, V])."""
         tokens = self._sample(logits)
         logprobs = None
         if any(row.request.top_logprobs is not None for row in self.rows):
@@ -382,8 +414,9 @@ def batch_generate(model: Model, tokenizer, prompts: Sequence[Prompt], *, max_ba
     """Generate for every prompt at once (continuous batching, at most max_batch rows per step).
 
     shared: options for every prompt (max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-    stop, adapter, max_context, top_logprobs); options: one dict per prompt overriding them. Each result equals the
-    prompt run alone with afm_mlx.generate (greedy; or sampled with a seed) without a draft.
+    stop, adapter, max_context, top_logprobs, and the guided schema / response_format / regex / grammar / tools /
+    tool_choice); options: one dict per prompt overriding them. Each result equals the prompt run alone with
+    afm_mlx.generate (greedy; or sampled with a seed) without a draft.
     """
     per_prompt = options if options is not None else [{}] * len(prompts)
     if len(per_prompt) != len(prompts):
@@ -403,14 +436,18 @@ SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "rep
 
 def make_request(tokenizer, prompt: Prompt, *, system: str | None = None, raw: bool = False,
                  **options) -> BatchRequest:
-    """A BatchRequest from a prompt (as stream_generate takes it) and stream_generate-style options."""
-    unknown = set(options) - set(SAMPLING) - {"max_tokens", "stop", "adapter", "max_context", "top_logprobs"}
+    """A BatchRequest from a prompt (as stream_generate takes it) and stream_generate-style options, the guided
+    ones (schema=, response_format=, regex=, grammar=, tools=, tool_choice=, ...) included."""
+    unknown = set(options) - set(SAMPLING) - set(GUIDED_OPTIONS) - {"max_tokens", "stop", "adapter", "max_context",
+                                                                     "top_logprobs"}
     if unknown:
         raise AFMError(f"unknown option(s): {', '.join(sorted(unknown))}")
     params = SamplingParams(**{k: options.pop(k) for k in SAMPLING if k in options})
-    return BatchRequest(prompt_ids(tokenizer, prompt, system=system, raw=raw), params, **options)
+    guide = make_guide(tokenizer, **{k: options.pop(k) for k in GUIDED_OPTIONS if k in options})
+    return BatchRequest(prompt_ids(tokenizer, prompt, system=system, raw=raw, guide=guide), params, **options,
+                        guide=guide)
 
 
 def _result(pieces: list[BatchResponse]) -> GenerationResult:
-    stats = pieces[-1].stats
-    return GenerationResult("".join(p.text for p in pieces), [t for p in pieces for t in p.tokens], stats)
+    stats, guided = pieces[-1].stats, pieces[-1].guided
+    return GenerationResult("".join(p.text for p in pieces), [t for p in pieces for t in p.tokens], stats, guided)

@@ -371,7 +371,7 @@ def stream_generate(
             cache.sync(history)
         if draft is not None:
             stats.speculative.draft_s, stats.speculative.verify_s = decoder.timer.split(stats.decode_s)
-        guided = _interpret(guide, "".join(text), history[len(ids):], stats) if guide is not None else None
+        guided = interpret_guided(guide, "".join(text), history[len(ids):], stats) if guide is not None else None
         yield GenerationResponse("", [], stats.finish_reason, stats, guided)
 
 
@@ -416,7 +416,7 @@ def _responses(tokenizer, detokenizer, tokens: Iterator[int], stops: StopStrings
             yield GenerationResponse(tail, [])
 
 
-def _interpret(guide, text: str, generated: list[int], stats: GenerationStats) -> GuidedOutput:
+def interpret_guided(guide, text: str, generated: list[int], stats: GenerationStats) -> GuidedOutput:
     """What a finished guided answer means; for one the budget cut short, why it has no meaning."""
     if stats.finish_reason != "stop" or (generated and generated[-1] not in guide.table.tokenizer.stop_ids):
         limit = "max_tokens" if stats.finish_reason == "length" else "max_context" if stats.finish_reason == "context" \
