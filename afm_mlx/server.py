@@ -1,7 +1,8 @@
 """`afm-mlx serve`: an OpenAI-compatible HTTP server, a thin front end over the batch engine (afm_mlx.engine).
 
     GET  /v1/models              the base (`afm`) and each adapter (`afm:NAME`) as model ids
-    POST /v1/chat/completions    messages -> a reply; stream (SSE), n, logprobs, usage
+    POST /v1/chat/completions    messages -> a reply; stream (SSE), n, logprobs, usage; tools / tool_choice and
+                                 response_format through guided generation (afm_mlx.guided)
     POST /v1/completions         raw prompt(s) -> text
     GET  /health, GET /metrics   liveness; Prometheus text (requests, tokens/s, queue depth, batch size)
 
@@ -32,6 +33,8 @@ from .adapters import list_adapters
 from .batch import BatchRequest, BatchResponse, TokenLogprob
 from .engine import Engine, EngineStopped, QueueFull, Ticket
 from .errors import AFMError
+from .generation import GuidedOutput, prompt_ids
+from .guided import Guide, make_guide
 from .sampling import SamplingParams
 
 BASE_MODEL_ID = "afm"
@@ -90,6 +93,7 @@ class Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls, rendered as the toolkit does
 
 
 class ChatRequest(Sampling):
@@ -99,6 +103,7 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
 
@@ -113,15 +118,24 @@ class CompletionRequest(Sampling):
 # ---- from a body to engine requests
 
 
-def check_guided(body: ChatRequest) -> None:
-    """tools / tool_choice / response_format need guided generation, which this engine does not have yet: a 400
-    naming the missing feature (the one place to change when afm_mlx.guided lands)."""
-    wants_format = body.response_format is not None and body.response_format.get("type", "text") != "text"
-    for name, used in (("tools", bool(body.tools)), ("tool_choice", body.tool_choice not in (None, "none")),
-                       ("response_format", wants_format)):
-        if used:
-            raise APIError(400, f"'{name}' needs guided generation (constrained decoding), which this server does "
-                                "not support yet", param=name, code="unsupported_parameter")
+def chat_guide(tokenizer, body: ChatRequest) -> Guide | None:
+    """The guided-generation constraint of a chat request (tools / tool_choice / response_format), or None; 400
+    naming the problem for an invalid or unsupported schema or tool. `json_object` is any JSON object."""
+    options: dict[str, Any] = {}
+    kind = body.response_format.get("type", "text") if body.response_format is not None else "text"
+    if kind == "json_object":
+        options["schema"] = {"type": "object"}
+    elif kind != "text":
+        options["response_format"] = body.response_format
+    if body.tools:
+        options.update(tools=body.tools, tool_choice=body.tool_choice, parallel_tool_calls=body.parallel_tool_calls)
+    elif body.tool_choice not in (None, "none"):
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    try:
+        return make_guide(tokenizer, **options)
+    except AFMError as err:
+        param = "tools" if body.tools else "response_format"
+        raise APIError(400, str(err), param=param) from None
 
 
 def check_unsupported(body: Sampling) -> None:
@@ -149,7 +163,7 @@ def model_ids(model) -> list[str]:
 
 
 def engine_requests(body: Sampling, ids: list[int], adapter: str | None, max_tokens: int | None,
-                    top_logprobs: int | None, config: ServerConfig) -> list[BatchRequest]:
+                    top_logprobs: int | None, config: ServerConfig, guide: Guide | None = None) -> list[BatchRequest]:
     """n requests for one prompt (choice i samples with seed + i, so choices differ but replay)."""
     max_tokens = config.default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > config.max_tokens_cap:
@@ -161,7 +175,7 @@ def engine_requests(body: Sampling, ids: list[int], adapter: str | None, max_tok
     for i in range(body.n):
         params = _params(body, None if body.seed is None else (body.seed + i) % 2**63)
         requests.append(BatchRequest(ids, params, max_tokens, body.stop, adapter, config.max_context,
-                                     top_logprobs))
+                                     top_logprobs, guide))
     return requests
 
 
@@ -173,10 +187,12 @@ def _params(body: Sampling, seed: int | None) -> SamplingParams:
         raise APIError(400, str(err)) from None
 
 
-def chat_ids(tokenizer, messages: list[Message]) -> list[int]:
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)} for m in messages]
+def chat_ids(tokenizer, messages: list[Message], guide: Guide | None = None) -> list[int]:
+    """The prompt ids of a conversation, with a guide's tools and response format rendered as the toolkit does."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content),
+              **({"tool_calls": m.tool_calls} if m.tool_calls else {})} for m in messages]
     try:
-        return tokenizer.encode_prompt(turns)
+        return prompt_ids(tokenizer, turns, guide=guide)
     except AFMError as err:
         raise APIError(400, str(err), param="messages") from None
 
@@ -268,6 +284,7 @@ class Output:
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    guided: GuidedOutput | None = None
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -310,6 +327,7 @@ async def collect(choices: Choices, request: Request) -> list[Output]:
             out.tokens += len(piece.tokens)
             out.logprobs += piece.logprobs
             out.finish_reason = finish_reason(piece.finish_reason) or out.finish_reason
+            out.guided = piece.guided or out.guided
     finally:
         watcher.cancel()
     return outputs
@@ -420,13 +438,13 @@ def add_chat_route(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         engine: Engine = app.state.engine
-        check_guided(body)
         check_unsupported(body)
         adapter = adapter_for(body.model, engine.model)
-        ids = chat_ids(engine.tokenizer, body.messages)
+        guide = chat_guide(engine.tokenizer, body)
+        ids = chat_ids(engine.tokenizer, body.messages, guide)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        choices = Choices(engine, engine_requests(body, ids, adapter, max_tokens, top, app.state.config))
+        choices = Choices(engine, engine_requests(body, ids, adapter, max_tokens, top, app.state.config, guide))
         choices.submit()
         meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
         if body.stream:
@@ -438,31 +456,64 @@ def add_chat_route(app: FastAPI) -> None:
 
 
 def chat_response(outputs: list[Output], meta: dict, prompt_tokens: int, tokenizer, logprobs: bool) -> dict:
-    choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
+    choices = [{"index": i, "message": {"role": "assistant", "content": out.text, **tool_call_fields(out.guided)},
                 "logprobs": chat_logprobs(tokenizer, out.logprobs) if logprobs else None,
-                "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]
+                "finish_reason": "tool_calls" if _called(out.guided) else out.finish_reason}
+               for i, out in enumerate(outputs)]
     return dict(meta, object="chat.completion", choices=choices,
                 usage=usage(prompt_tokens, sum(o.tokens for o in outputs)))
 
 
+def _called(guided: GuidedOutput | None) -> bool:
+    return guided is not None and bool(guided.tool_calls)
+
+
+def tool_call_fields(guided: GuidedOutput | None, stream: bool = False) -> dict:
+    """A reply's tool calls in OpenAI's shape (arguments as a JSON string); its content is the text before them."""
+    if not _called(guided):
+        return {}
+    calls = [{"id": f"call_{secrets.token_hex(8)}", "type": "function",
+              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+             for c in guided.tool_calls]
+    if stream:
+        return {"tool_calls": [dict(call, index=n) for n, call in enumerate(calls)]}
+    return {"content": guided.content or None, "tool_calls": calls}
+
+
 async def chat_stream(choices: Choices, meta: dict, prompt_tokens: int, include_usage: bool,
                       tokenizer) -> AsyncIterator[str]:
+    """Content deltas as they come; a tool-call block is not streamed as text: its calls follow as one
+    `tool_calls` delta when the reply ends (finish_reason "tool_calls")."""
     chunk = dict(meta, object="chat.completion.chunk")
     for i in range(len(choices.requests)):
         yield sse(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
     completion_tokens = 0
+    in_block: set[int] = set()
+    with_tools = {i for i, r in enumerate(choices.requests) if r.guide is not None and r.guide.kind == "tools"}
     async for i, piece in choices.pieces():
         completion_tokens += len(piece.tokens)
-        if not piece.text and piece.finish_reason is None and not piece.logprobs:
+        text = _before_block(piece.text, i, in_block) if i in with_tools else piece.text
+        if not text and piece.finish_reason is None and not piece.logprobs:
             continue
         logprobs = chat_logprobs(tokenizer, piece.logprobs) if piece.logprobs else None
-        delta = {"content": piece.text} if piece.text else {}
-        yield sse(dict(chunk, choices=[{"index": i, "delta": delta, "logprobs": logprobs,
-                                        "finish_reason": finish_reason(piece.finish_reason)}]))
+        delta = ({"content": text} if text else {}) | tool_call_fields(piece.guided, stream=True)
+        reason = "tool_calls" if _called(piece.guided) else finish_reason(piece.finish_reason)
+        yield sse(dict(chunk, choices=[{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]))
     if include_usage:
         yield sse(dict(chunk, choices=[], usage=usage(prompt_tokens, completion_tokens)))
     yield sse("[DONE]")
+
+
+def _before_block(text: str, choice: int, in_block: set[int]) -> str:
+    """The part of a streamed piece that is content: nothing once a choice's tool-call block has begun."""
+    if choice in in_block:
+        return ""
+    at = text.find("<executable_start>")
+    if at < 0:
+        return text
+    in_block.add(choice)
+    return text[:at]
 
 
 def add_completion_route(app: FastAPI) -> None:

@@ -143,9 +143,10 @@ def test_stop_strings_and_logprobs(server, reference):
     (dict(temperature=-1), openai.BadRequestError, "temperature"),
     (dict(max_tokens=100_000), openai.BadRequestError, "cap"),
     (dict(messages=[{"role": "user", "content": "word " * 2000}]), openai.BadRequestError, "context limit"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), openai.BadRequestError,
-     "guided generation"),
-    (dict(response_format={"type": "json_object"}), openai.BadRequestError, "guided generation"),
+    (dict(tools=[{"type": "function", "function": {"parameters": {}}}]), openai.BadRequestError, "has no name"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}),
+     openai.BadRequestError, "Invalid type: strin"),
+    (dict(tool_choice="required"), openai.BadRequestError, "tool_choice needs tools"),
     (dict(presence_penalty=0.5), openai.BadRequestError, "not supported"),
 ])
 def test_bad_requests_are_400s_in_openai_shape(server, call, error, match):
