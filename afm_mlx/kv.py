@@ -57,14 +57,17 @@ class KVHistory:
         self._floats = {}
 
     def floats(self, dtype: mx.Dtype, padded: bool = False) -> tuple[mx.array, mx.array]:
-        """K/V as floats: the valid [B, KV, length, D], or (padded) the whole buffers [B, KV, S_alloc, D]."""
-        if padded not in self._floats:
+        """K/V as floats: the valid [B, KV, length, D], or (padded) the whole buffers [B, KV, S_alloc, D].
+
+        Kept per (dtype, padded): a layer attending in another dtype must not get the first caller's arrays."""
+        key = (dtype, padded)
+        if key not in self._floats:
             k, v = (self.keys, self.values) if padded else (self.keys[..., :self.length, :],
                                                             self.values[..., :self.length, :])
             if self.key_scale is not None:
                 k, v = dequantize_int8(k, self.key_scale, dtype), dequantize_int8(v, self.value_scale, dtype)
-            self._floats[padded] = (k, v)
-        return self._floats[padded]
+            self._floats[key] = (k, v)
+        return self._floats[key]
 
 
 _last_mask: tuple = (None, None)  # (key, mask): one mask serves every layer of a forward
