@@ -70,36 +70,30 @@ class KVHistory:
         return self._floats[key]
 
 
-_last_mask: tuple = (None, None)  # (key, mask): one mask serves every layer of a forward
+def padded_causal_mask(rows: int, length: int | mx.array, size: int, dtype: mx.Dtype) -> mx.array:
+    """Additive mask [1, 1, rows, size]: query i sits at position length - rows + i and sees keys 0 .. that.
+
+    `length` may be an array (the compiled step's position). Built once per forward by model.Span.mask.
+    """
+    last_visible = mx.arange(rows)[:, None] + (length - rows)
+    visible = mx.arange(size)[None, :] <= last_visible
+    return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[None, None]
 
 
-def padded_causal_mask(rows: int, length: int, size: int, dtype: mx.Dtype) -> mx.array:
-    """Additive mask [1, 1, rows, size]: query i sits at position length - rows + i and sees keys 0 .. that."""
-    global _last_mask
-    key = (rows, length, size, dtype)
-    cached_key, mask = _last_mask  # one read: another thread may replace it
-    if cached_key != key:
-        last_visible = mx.arange(rows)[:, None] + (length - rows)
-        visible = mx.arange(size)[None, :] <= last_visible
-        mask = mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[None, None]
-        _last_mask = (key, mask)
-    return mask
-
-
-def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
+def attend(q: mx.array, kv: KVHistory, scale: float, span) -> mx.array:
     """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
 
     Where it pays (kernels.model_uses), int8 histories go to the kernel that reads the codes;
-    otherwise dequantise + SDPA ("causal" is lower-right aligned), over the whole buffer with an explicit mask
-    for a few rows on PADDED_ATTENTION_BACKENDS.
+    otherwise dequantise + SDPA ("causal" is lower-right aligned), over the whole buffer with the span's mask
+    in the compiled step (span.padded) and for a few rows on PADDED_ATTENTION_BACKENDS.
     """
     if kv.key_scale is not None and kernels.model_uses("kv_attention"):
         return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
                                     kv_len=kv.length)
     rows = q.shape[2]
-    if 1 < rows <= PADDED_ATTENTION_MAX_ROWS and backend_name() in PADDED_ATTENTION_BACKENDS:
+    if span.padded or (1 < rows <= PADDED_ATTENTION_MAX_ROWS and backend_name() in PADDED_ATTENTION_BACKENDS):
         keys, values = kv.floats(q.dtype, padded=True)
-        mask = padded_causal_mask(rows, kv.length, keys.shape[2], q.dtype)
+        mask = span.mask(rows, keys.shape[2], q.dtype)
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     keys, values = kv.floats(q.dtype)
     mask = "causal" if rows > 1 else None

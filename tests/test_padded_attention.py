@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import afm_mlx.kv as KV
+from afm_mlx import step
 from afm_mlx.dtypes import backend_name
 from afm_mlx.presets import tiny_base, tiny_draft
 from toolkit_fixtures import STEP_TOKENS, decode_verify_logits, mlx_model_from_toolkit, toolkit_weights
@@ -31,9 +32,12 @@ def test_padded_attention_gives_the_same_logits(config, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"step {step}")
 
 
-def test_verify_rounds_attend_to_one_key_shape(padded_here, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-step"])
+def test_verify_rounds_attend_to_one_key_shape(compiled, padded_here, monkeypatch):
     """The point of padding: verify rounds at different lengths present SDPA the same K/V shape and an
-    explicit mask; single-row decode keeps the valid prefix (MLX's vector kernel, no per-shape graph)."""
+    explicit mask; eager single-row decode keeps the valid prefix (MLX's vector kernel, no per-shape graph), the
+    compiled step (afm_mlx.step) pads every step, decode too: its trace serves every position."""
+    monkeypatch.setattr(step, "ENABLED", compiled)
     model = mlx_model_from_toolkit(toolkit_weights(tiny_base(), seed=5))
     seen = []
     original = mx.fast.scaled_dot_product_attention
@@ -51,7 +55,7 @@ def test_verify_rounds_attend_to_one_key_shape(padded_here, monkeypatch):
     mx.eval(model(tokens[:, 10:14], cache, num_logits=4))  # verify, length 14
     mx.eval(model(tokens[:, 14:17], cache, num_logits=3))  # verify, length 17
     layers = model.args.num_layers
-    assert seen[:layers] == [(1, 10, None)] * layers
+    assert seen[:layers] == [(1, 256, (1, 1, 1, 256)) if compiled else (1, 10, None)] * layers
     assert seen[layers:2 * layers] == [(4, 256, (1, 1, 4, 256))] * layers
     assert seen[2 * layers:] == [(3, 256, (1, 1, 3, 256))] * layers
 
