@@ -146,11 +146,11 @@ class Span:
             return rope(x, self.cos, self.sin)
         return rope(x, self.cos[-rows:], self.sin[-rows:])
 
-    def mask(self, rows: int, size: int, dtype: mx.Dtype) -> mx.array:
+    def mask(self, rows: int, size: int, dtype: mx.Dtype, groups: int = 1) -> mx.array:
         """padded_causal_mask for the last `rows` rows over `size` slots, built once per forward."""
-        key = (rows, size, dtype)
+        key = (rows, size, dtype, groups)
         if key not in self._masks:
-            self._masks[key] = padded_causal_mask(rows, self.end, size, dtype)
+            self._masks[key] = padded_causal_mask(rows, self.end, size, dtype, groups)
         return self._masks[key]
 
 

@@ -57,4 +57,18 @@ def test_one_mask_serves_every_layer_of_a_forward(monkeypatch):
     cache = model.make_cache()
     model.prefill(mx.arange(1, 9)[None], cache)  # 8 rows: padded as well, 4 regular layers
     mx.eval(model(mx.array([[3, 4, 5]]), cache, num_logits=2))  # regular layers 3 rows, reuse layers 2
-    assert built == [(8, 8, 256, mx.float32), (3, 11, 256, mx.float32), (2, 11, 256, mx.float32)]  # once each
+    groups = model.args.num_heads // model.args.num_kv_heads  # the CPU's grouped_attention rows
+    assert built == [(rows, length, 256, mx.float32, groups) for rows, length in ((8, 8), (3, 11), (2, 11))]  # once each
+
+
+@pytest.mark.parametrize("rows, length", [(1, 7), (1, 256), (4, 130), (6, 300)])
+def test_grouped_attention_is_sdpa_over_the_valid_prefix_bit_for_bit(rows, length):
+    """On the CPU: the padded buffer, the mask's exact zeros and one matmul per KV head change no bit."""
+    rng = np.random.default_rng(rows)
+    size = 512 if length > 256 else 256
+    q = mx.array(rng.normal(size=(1, 8, rows, 32)), dtype=mx.float32)
+    keys, values = (mx.array(rng.normal(size=(1, 2, size, 32)), dtype=mx.float32) for _ in range(2))
+    expected = mx.fast.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], scale=0.17,
+                                                    mask="causal" if rows > 1 else None)
+    mask = KV.padded_causal_mask(rows, length, size, mx.float32, groups=4)
+    np.testing.assert_array_equal(np.array(KV.grouped_attention(q, keys, values, 0.17, mask)), np.array(expected))

@@ -46,7 +46,14 @@ def test_verify_rounds_attend_to_one_key_shape(compiled, padded_here, monkeypatc
         seen.append((q.shape[2], k.shape[2], None if mask is None or isinstance(mask, str) else mask.shape))
         return original(q, k, v, scale=scale, mask=mask, **kw)
 
+    def grouped(q, k, v, scale, mask):  # the CPU's form: each KV head's query group as one matmul's rows
+        groups = q.shape[1] // k.shape[1]
+        seen.append((q.shape[2], k.shape[2], (1, 1, mask.shape[2] // groups, mask.shape[3])))
+        return original_grouped(q, k, v, scale, mask)
+
+    original_grouped = KV.grouped_attention
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(KV, "grouped_attention", grouped)
     cache = model.make_cache()
     tokens = mx.array(STEP_TOKENS)[None]
     model.prefill(tokens[:, :9], cache)  # 9 rows: the prefix path with "causal"
