@@ -384,6 +384,9 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
     budget = Budget(config.time_budget_s)
     engines = make_engines(workload, config.engines)
     speeds, agreement = bench_speeds(engines, workload, config, tick, budget)
+    controlled = None  # before the adapter runs: on a budget, the speculation economics come first
+    if workload.draft is not None and config.controlled_alphas and "afm-mlx" in config.engines:
+        controlled = bench_controlled(workload, config, tick, budget)
     kv_prompt = workload.prompt(min(config.prompt_lengths + [config.decode_prompt_length]), 0)
     for engine in engines:
         speeds[engine.name]["kv_bytes_per_token"] = engine.kv_bytes_per_token(kv_prompt)
@@ -398,9 +401,6 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
         else:
             speeds[engine.name]["adapter"] = {"status": "n/a", "reason": "not run: the harness compares mlx-lm's "
                                               "afm7 without LoRA (its adapters fuse or wrap via tuner.lora)"}
-    controlled = None
-    if workload.draft is not None and config.controlled_alphas and "afm-mlx" in config.engines:
-        controlled = bench_controlled(workload, config, tick, budget)
     add_roofline(speeds, workload, config, machine["bandwidth_gbps"])
     results = {
         "schema": SCHEMA_VERSION, "machine": machine,
