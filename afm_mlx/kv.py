@@ -2,7 +2,8 @@
 
 K/V are fake-quantised to int8 with one scalar scale per layer (tamm computes it in fp32), so the cache stores
 the codes; `KVHistory` is what a regular layer leaves for the KV-reuse layers that attend to it; `attend` picks
-the kernel that reads the codes, or dequantise + MLX's SDPA. Shapes: B batch, H query heads, KV key/value heads,
+the kernel that reads the codes, or dequantise + MLX's SDPA (on the CPU, where SDPA is a graph of ops, the same
+ops with the query heads grouped: grouped_attention). Shapes: B batch, H query heads, KV key/value heads,
 L new tokens, S cached positions, D head dim.
 """
 
@@ -39,7 +40,8 @@ def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.arr
 # pays a build: the 3B verify forward took 50 ms per round against a 9.4 ms decode step on an H100, and a 3-row
 # demo verify at lengths 129..168 took 48.7 ms over the prefix, 1.72 ms padded (H200, verify_probe.py, gpu_run-2.log
 # in benchmarks/results/cuda-nvidia-h200/). The buffer grows in KVCache.step chunks, so its shape, and the graph,
-# hold for 256 positions.
+# hold for 256 positions. The compiled step (afm_mlx.step) pads every step on every backend, decode too: nothing in
+# its trace may depend on the length.
 PADDED_ATTENTION_BACKENDS = ("cuda",)
 PADDED_ATTENTION_MAX_ROWS = 16
 
