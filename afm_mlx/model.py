@@ -8,6 +8,9 @@ The base has two segments: `layers` (regular transformer layers, each with its o
 `kv_reuse_layers`, which compute only queries and attend to the K/V history of the *last* regular layer.
 K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes (afm_mlx.kv:
 the codes, the history the reuse layers read, the attention over it).
+
+Every layer of a forward reads where its rows sit from one `Span` (positions, RoPE table rows, masks); decode and
+verify steps run `Model.forward` compiled, with the position an array (afm_mlx.step), the same arithmetic.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A step is a few rows (1 for decode, k + 1 for verify) after a prefill. Eagerly e
 op, and on a GPU each node is a launch; compiled, one trace serves every position, because nothing in it depends
 on the position's value: K/V are written into the cache buffers at the position (mx.slice_update) and attention
 reads the whole buffers under a causal mask (kv.padded_causal_mask). A trace is kept per (rows, logits wanted,
-active adapter) and per buffer size, which changes every KVCache.step positions. The model's parameters are the
+active adapter), and by MLX per input shapes and dtypes: the buffer size, which changes every KVCache.step
+positions, and the model's dtype. The model's parameters are the
 compiled function's inputs, read at every call, so new weights need no retrace; an adapter's LoRA arrays are
 constants of the trace, hence the adapter in the key.
 
