@@ -65,7 +65,7 @@ def test_the_suite_reports_a_table_per_alpha_and_k(workload):
     results = run_benchmark(workload, config)
     settings = results["controlled"]["settings"]
     assert [(s["alpha"], s["k"]) for s in settings] == [(0.5, 2), (0.5, 3), (0.9, 2), (0.9, 3)]
-    assert all(s["tps"] > 0 and s["speedup"] > 0 and s["predicted_tps"] > 0 for s in settings)
+    assert all(s["tps"] > 0 and s["speedup"] > 0 and s["predicted_tps"] > 0 and s["round_s"] > 0 for s in settings)
     assert "Speculative decoding at controlled acceptance" in results_markdown(results)
     assert default_config("full", "cuda").controlled_alphas == [0.6, 0.7, 0.8, 0.9]
     assert default_config("full", "cuda").controlled_ks == [2, 3, 4, 5, 6]

@@ -152,7 +152,10 @@ def controlled_summary(alpha: float, k: int, pairs: list[tuple[Run, Run]], agree
     accepted = sum(sum(r.accepted_by_position) for r, _ in pairs)
     proposed = sum(sum(r.proposed_by_position) for r, _ in pairs)
     predicted = predicted_tps(costs, alpha, k)
+    round_s = statistics.median(r.decode_s / r.rounds for r, _ in pairs if r.rounds)
     return {"alpha": alpha, "k": k, "tps": statistics.median(r.decode_tps for r, _ in pairs),
+            "round_s": round_s,  # what a round took in the run, against the forwards' own times:
+            "round_overhead_s": round_s - k * costs["draft_step_s"] - costs["verify_s_by_rows"][k + 1],
             "speedup": statistics.median(r.decode_tps / p.decode_tps for r, p in pairs if p.decode_tps),
             "acceptance": accepted / proposed if proposed else 0.0,
             "tokens_per_round": sum(len(r.tokens) - 1 for r, _ in pairs) / max(sum(r.rounds for r, _ in pairs), 1),

@@ -142,16 +142,18 @@ def _controlled_lines(controlled: dict[str, Any] | None) -> list[str]:
                        for r, s in c["verify_s_by_rows"].items())
     rows = [[f"{s['alpha']:g}", s["k"], _num(s["tps"]), f"{s['speedup']:.2f}x", f"{s['acceptance']:.0%}",
              f"{s['tokens_per_round']:.2f}", _num(s["predicted_tps"]), f"{s['predicted_speedup']:.2f}x",
-             f"{s['verify_agreed']:.0%}"] for s in controlled["settings"]]
+             f"{s['round_s'] * 1e3:,.2f}", f"{s['round_overhead_s'] * 1e3:,.2f}", f"{s['verify_agreed']:.0%}"]
+            for s in controlled["settings"]]
     return ["", f"Speculative decoding at controlled acceptance, afm-mlx, T = 0 ({controlled['label']}; plain "
                 f"{_num(controlled['plain_tps'])} tok/s; speedup: median of per-trial ratios to the plain run "
                 "that gave the continuation):", ""] + \
         _table(["alpha", "k", "tok/s", "speedup", "acceptance", "tokens/round", "predicted tok/s",
-                "predicted speedup", "verify agreed"], rows) + \
+                "predicted speedup", "ms/round", "of which not forwards", "verify agreed"], rows) + \
         ["", f"Cost model (each forward alone, medians, at {c['context']} tokens of context): draft step "
              f"{c['draft_step_s'] * 1e3:,.2f} ms ({c['draft_step_s'] / c['decode_step_s']:.2f}x a decode step), "
              f"decode step {c['decode_step_s'] * 1e3:,.2f} ms, verify {verify}; predicted tok/s = "
-             "E(alpha, k) / (k * draft step + verify(k + 1 rows))."]
+             "E(alpha, k) / (k * draft step + verify(k + 1 rows)); 'not forwards' is a round's time in the run "
+             "less those forwards' own times (host work, syncs, rollback)."]
 
 
 def _settings_line(c: dict[str, Any]) -> str:
