@@ -144,3 +144,19 @@ def test_new_weights_need_no_retrace():
     for a, b in zip(ours, todays):
         np.testing.assert_array_equal(a, b)
     assert model._compiled_steps == traces
+
+
+def test_the_step_stays_eager_where_it_cannot_apply(monkeypatch):
+    """Prefill-sized inputs, an empty cache, caches of another kind, and the Metal kv_attention kernel (it takes
+    the K/V length as an int) run the eager forward."""
+    from afm_mlx import kernels, step
+
+    model = tiny_model(tiny_base(), quantized=False)
+    cache = model.make_cache()
+    assert not step.applies(model, mx.zeros((1, 1), mx.int32), cache)  # nothing prefilled: no buffers yet
+    model.prefill(mx.arange(1, 9)[None], cache)
+    assert step.applies(model, mx.zeros((1, step.MAX_ROWS), mx.int32), cache)
+    assert not step.applies(model, mx.zeros((1, step.MAX_ROWS + 1), mx.int32), cache)
+    assert not step.applies(model, mx.zeros((1, 1), mx.int32), [object()] * len(cache))
+    monkeypatch.setattr(kernels, "model_uses", lambda name: name == "kv_attention")
+    assert not step.applies(model, mx.zeros((1, 1), mx.int32), cache)
