@@ -7,8 +7,8 @@ rope (GPU kernels elsewhere) as graphs of a dozen small ops. On the CPU, after l
   1.9 -> 1.0 ms, a 3B 2048 x 6656 2-bit linear 11.9 -> 6.1 ms. Smaller calls stay whole: splitting the demo's
   one-row 256 x 768 calls too cost 2.3 ms a step in cross-stream waits. MLX's CPU matmuls cost rows x weights
   (float ones too), so verification (k + 1 rows) and prefill calls qualify where decode calls do not.
-- rms_norm runs mx.compile'd, which fuses its fallback graph (RoPE is model.rope, compiled everywhere): with the
-  rope, 0.3 and 0.5 ms of the demo's 8 ms step before the compiled step (afm_mlx.step).
+- rms_norm runs mx.compile'd, which fuses its fallback graph: 0.3 ms of the demo's 8 ms step, measured before
+  decode steps ran compiled as a whole (afm_mlx.step). RoPE is model.rope, compiled on every backend.
 AFM_MLX_CPU_STREAMS=1 turns the splitting off (default: one stream per core, at most MAX_STREAMS).
 """
 

@@ -5,9 +5,9 @@ op, and on a GPU each node is a launch; compiled, one trace serves every positio
 on the position's value: K/V are written into the cache buffers at the position (mx.slice_update) and attention
 reads the whole buffers under a causal mask (kv.padded_causal_mask). A trace is kept per (rows, logits wanted,
 active adapter), and by MLX per input shapes and dtypes: the buffer size, which changes every KVCache.step
-positions, and the model's dtype. The model's parameters are the
-compiled function's inputs, read at every call, so new weights need no retrace; an adapter's LoRA arrays are
-constants of the trace, hence the adapter in the key.
+positions, and the model's dtype. The model's parameters are the compiled function's inputs, read at every call,
+so new weights need no retrace; an adapter's LoRA arrays are constants of the trace, hence the adapter in the key
+(and the traces of an unloaded adapter are dropped with it).
 
 Logits are bit-identical to the eager forward on the CPU (tests/test_step.py): the same ops, the padded mask adds
 exact zeros, and the row-parallel matmuls (afm_mlx.cpu) split the same way inside the trace.
@@ -67,6 +67,9 @@ def _compiled(model, rows: int, num_logits: int):
     key = (rows, num_logits, id(adapter))
     entry = steps.get(key)
     if entry is None or entry[0] is not adapter:  # the id of an unloaded adapter may come back
+        resident = list(registry.adapters.values())
+        for stale in [k for k, (a, _) in steps.items() if a is not None and all(a is not r for r in resident)]:
+            del steps[stale]  # its LoRA arrays live on in the trace otherwise
         entry = steps[key] = (adapter, _trace(model, num_logits))
     return entry[1]
 

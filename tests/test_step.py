@@ -160,3 +160,16 @@ def test_the_step_stays_eager_where_it_cannot_apply(monkeypatch):
     assert not step.applies(model, mx.zeros((1, 1), mx.int32), [object()] * len(cache))
     monkeypatch.setattr(kernels, "model_uses", lambda name: name == "kv_attention")
     assert not step.applies(model, mx.zeros((1, 1), mx.int32), cache)
+
+
+def test_an_unloaded_adapters_traces_are_dropped():
+    """Each trace holds its adapter's LoRA arrays: a server cycling adapters must not keep them all."""
+    from afm_mlx.adapters import unload_adapter
+
+    model = tiny_model(tiny_base(), quantized=False)
+    for seed in range(3):
+        add_adapter(model, random_adapter(model.args, 4, seed), "cycled", activate=True)
+        step_logits(model, 12)
+        unload_adapter(model, "cycled")
+    step_logits(model, 12)  # no adapter: a miss drops the traces of the ones unloaded
+    assert {key[2] for key in model._compiled_steps} == {id(None)}
