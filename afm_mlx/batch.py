@@ -108,7 +108,7 @@ _last_offsets: tuple = ((), mx.array([], dtype=mx.int32))
 
 
 def _offsets(lengths: tuple[int, ...]) -> mx.array:
-    """The int32 [B] array of these lengths, the same object for every layer of a step (kv's mask cache)."""
+    """The int32 [B] array of these lengths, one object for every layer of a step."""
     global _last_offsets
     if _last_offsets[0] != lengths:
         _last_offsets = (lengths, mx.array(lengths, dtype=mx.int32))

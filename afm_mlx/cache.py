@@ -32,6 +32,11 @@ class KVCache:
         self.values[..., self.offset:self.offset + new, :] = values
         self.offset += new
 
+    def reserve(self, new: int) -> None:
+        """Room for `new` more positions, without writing them (the compiled step writes into the buffers)."""
+        if self.offset + new > self.keys.shape[2]:
+            self._grow(self.keys, self.values, new)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys/values [B, KV, L, D]; return the full history [B, KV, offset, D] (mlx-lm's cache API)."""
         self.append(keys, values)

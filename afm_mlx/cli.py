@@ -116,6 +116,12 @@ def bench(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG plots (needs matplotlib)."),
     time_budget: Optional[float] = typer.Option(None, help="Seconds per workload; a speculative setting (or the adapter "
                                                            "run) that would end past it is skipped, and listed."),
+    alphas: Optional[str] = typer.Option(None, "--alphas", help="Speculative decoding at these controlled acceptance "
+                                         "rates, e.g. 0.6,0.7,0.8,0.9 (the --full default): real draft and verify "
+                                         "forwards, each proposal the base's own greedy token with probability "
+                                         "alpha; with the cost model it implies."),
+    controlled_ks: Optional[str] = typer.Option(None, "--controlled-ks", help="Draft lengths for --alphas "
+                                                                              "(default 2-6)."),
 ):
     """Benchmark afm-mlx against mlx-lm's afm7 on the same weights: prefill/TTFT, decode, speculative k sweep,
     acceptance by draft position, memory, KV bytes, roofline; writes JSON, markdown and PNG plots.
@@ -133,7 +139,9 @@ def bench(
                  "ks": parse_ints(ks, "--ks") if ks else None,
                  "temperatures": parse_floats(temperatures, "--temperatures") if temperatures else None,
                  "engines": [e.strip() for e in engines.split(",")] if engines else None, "adapter": adapter,
-                 "guided": guided, "time_budget_s": time_budget}
+                 "guided": guided, "time_budget_s": time_budget,
+                 "controlled_alphas": parse_floats(alphas, "--alphas") if alphas else None,
+                 "controlled_ks": parse_ints(controlled_ks, "--controlled-ks") if controlled_ks else None}
     run_workloads(names, model_dir=model, prompts=prompts, out_dir=out, plots=plots, overrides=overrides)
 
 

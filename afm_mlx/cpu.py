@@ -7,8 +7,8 @@ rope (GPU kernels elsewhere) as graphs of a dozen small ops. On the CPU, after l
   1.9 -> 1.0 ms, a 3B 2048 x 6656 2-bit linear 11.9 -> 6.1 ms. Smaller calls stay whole: splitting the demo's
   one-row 256 x 768 calls too cost 2.3 ms a step in cross-stream waits. MLX's CPU matmuls cost rows x weights
   (float ones too), so verification (k + 1 rows) and prefill calls qualify where decode calls do not.
-- rms_norm and rope run mx.compile'd, which fuses their fallback graphs (rope gets its offset as an array, so
-  one trace serves every position): 0.3 and 0.5 ms of the demo's 8 ms step.
+- rms_norm runs mx.compile'd, which fuses its fallback graph: 0.3 ms of the demo's 8 ms step, measured before
+  decode steps ran compiled as a whole (afm_mlx.step). RoPE is model.rope, compiled on every backend.
 AFM_MLX_CPU_STREAMS=1 turns the splitting off (default: one stream per core, at most MAX_STREAMS).
 """
 
@@ -118,7 +118,7 @@ class ParallelEmbedding(nn.Embedding):
 
 @lru_cache(maxsize=None)
 def _fused_rms_norm(eps: float):
-    return mx.compile(lambda x, weight: mx.fast.rms_norm(x, weight, eps))
+    return mx.compile(lambda x, weight=None: mx.fast.rms_norm(x, weight, eps))
 
 
 class FusedRMSNorm(nn.RMSNorm):
@@ -126,15 +126,11 @@ class FusedRMSNorm(nn.RMSNorm):
         return _fused_rms_norm(self.eps)(x, self["weight"]) if on_cpu() else super().__call__(x)
 
 
-@lru_cache(maxsize=None)
-def _fused_rope(dims: int):
-    return mx.compile(lambda x, offset, freqs: mx.fast.rope(x, dims, traditional=True, base=None, scale=1.0,
-                                                            offset=offset, freqs=freqs))
-
-
-def fused_rope(x: mx.array, periods: mx.array, offset: int) -> mx.array:
-    """mx.fast.rope(x, D, traditional=True, offset=offset, freqs=periods), compiled (offset passed as an array)."""
-    return _fused_rope(x.shape[-1])(x, mx.array(offset, dtype=mx.int32), periods)
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """mx.fast.rms_norm, compiled on the CPU (weight None: the norm alone, for a caller applying its own)."""
+    if not on_cpu():
+        return mx.fast.rms_norm(x, weight, eps)
+    return _fused_rms_norm(eps)(x) if weight is None else _fused_rms_norm(eps)(x, weight)
 
 
 PARALLEL_CLASSES = {nn.QuantizedLinear: ParallelQuantizedLinear, nn.Linear: ParallelLinear,

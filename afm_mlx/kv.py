@@ -2,7 +2,8 @@
 
 K/V are fake-quantised to int8 with one scalar scale per layer (tamm computes it in fp32), so the cache stores
 the codes; `KVHistory` is what a regular layer leaves for the KV-reuse layers that attend to it; `attend` picks
-the kernel that reads the codes, or dequantise + MLX's SDPA. Shapes: B batch, H query heads, KV key/value heads,
+the kernel that reads the codes, or dequantise + MLX's SDPA (on the CPU, where SDPA is a graph of ops, the same
+ops with the query heads grouped: grouped_attention). Shapes: B batch, H query heads, KV key/value heads,
 L new tokens, S cached positions, D head dim.
 """
 
@@ -39,7 +40,8 @@ def dequantize_int8(codes: mx.array, scale: mx.array, dtype: mx.Dtype) -> mx.arr
 # pays a build: the 3B verify forward took 50 ms per round against a 9.4 ms decode step on an H100, and a 3-row
 # demo verify at lengths 129..168 took 48.7 ms over the prefix, 1.72 ms padded (H200, verify_probe.py, gpu_run-2.log
 # in benchmarks/results/cuda-nvidia-h200/). The buffer grows in KVCache.step chunks, so its shape, and the graph,
-# hold for 256 positions.
+# hold for 256 positions. The compiled step (afm_mlx.step) pads every step on every backend, decode too: nothing in
+# its trace may depend on the length.
 PADDED_ATTENTION_BACKENDS = ("cuda",)
 PADDED_ATTENTION_MAX_ROWS = 16
 
@@ -57,68 +59,65 @@ class KVHistory:
         self._floats = {}
 
     def floats(self, dtype: mx.Dtype, padded: bool = False) -> tuple[mx.array, mx.array]:
-        """K/V as floats: the valid [B, KV, length, D], or (padded) the whole buffers [B, KV, S_alloc, D]."""
-        if padded not in self._floats:
+        """K/V as floats: the valid [B, KV, length, D], or (padded) the whole buffers [B, KV, S_alloc, D].
+
+        Kept per (dtype, padded): a layer attending in another dtype must not get the first caller's arrays."""
+        key = (dtype, padded)
+        if key not in self._floats:
             k, v = (self.keys, self.values) if padded else (self.keys[..., :self.length, :],
                                                             self.values[..., :self.length, :])
             if self.key_scale is not None:
                 k, v = dequantize_int8(k, self.key_scale, dtype), dequantize_int8(v, self.value_scale, dtype)
-            self._floats[padded] = (k, v)
-        return self._floats[padded]
+            self._floats[key] = (k, v)
+        return self._floats[key]
 
 
-_last_mask: tuple = (None, None)  # (key, mask): one mask serves every layer of a forward
+def padded_causal_mask(rows: int, length: int | mx.array, size: int, dtype: mx.Dtype, groups: int = 1) -> mx.array:
+    """Additive mask [1, 1, groups * rows, size]: query i of each group sits at position length - rows + i and
+    sees keys 0 .. that (groups > 1: the rows of grouped_attention, each KV head's query heads one after another).
+
+    `length` may be an int32 array [B] (the compiled step's position, B = 1; or a batch whose rows have their own
+    lengths, afm_mlx.batch): the mask is then [B, 1, groups * rows, size], row b's slots past its length hidden.
+    Built once per forward by model.Span.mask.
+    """
+    if isinstance(length, mx.array):
+        last_visible = (mx.arange(groups * rows) % rows)[None, :, None] + (length - rows)[:, None, None]
+        visible = mx.arange(size)[None, None, :] <= last_visible
+        return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[:, None]
+    last_visible = (mx.arange(groups * rows) % rows)[:, None] + (length - rows)
+    visible = mx.arange(size)[None, :] <= last_visible
+    return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[None, None]
 
 
-def padded_causal_mask(rows: int, length: int, size: int, dtype: mx.Dtype) -> mx.array:
-    """Additive mask [1, 1, rows, size]: query i sits at position length - rows + i and sees keys 0 .. that."""
-    global _last_mask
-    key = (rows, length, size, dtype)
-    cached_key, mask = _last_mask  # one read: another thread may replace it
-    if cached_key != key:
-        last_visible = mx.arange(rows)[:, None] + (length - rows)
-        visible = mx.arange(size)[None, :] <= last_visible
-        mask = mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[None, None]
-        _last_mask = (key, mask)
-    return mask
+def grouped_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """MLX's SDPA as its CPU backend computes it (the op-by-op fallback), with each KV head's query heads as the
+    rows of one matmul [B, KV, groups * L, D] instead of a broadcast over a group axis: the same products and
+    sums, fewer graph nodes. mask: padded_causal_mask(..., groups)."""
+    B, H, L, D = q.shape
+    kv_heads = keys.shape[1]
+    q = (mx.array(scale, q.dtype) * q).reshape(B, kv_heads, H // kv_heads * L, D)
+    weights = mx.softmax(q @ keys.swapaxes(-1, -2) + mask, axis=-1, precise=True)
+    return (weights @ values).reshape(B, H, L, D)
 
 
-_last_row_mask: tuple = (None, None, None)  # (lengths array, key, mask): every layer of a batch forward shares one
-
-
-def row_causal_mask(lengths: mx.array, rows: int, size: int, dtype: mx.Dtype) -> mx.array:
-    """Additive mask [B, 1, rows, size]: in batch row b, query i sits at position lengths[b] - rows + i and sees
-    keys 0 .. that (slots past a row's length hold another row's padding or rolled-back drafts). The layers of
-    one forward pass the same lengths array (afm_mlx.batch), so it is built once per forward."""
-    global _last_row_mask
-    cached_lengths, cached_key, mask = _last_row_mask
-    if cached_lengths is not lengths or cached_key != (rows, size, dtype):
-        last_visible = lengths[:, None] - rows + mx.arange(rows)[None, :]  # [B, rows]
-        visible = mx.arange(size)[None, None, :] <= last_visible[..., None]
-        mask = mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[:, None]
-        _last_row_mask = (lengths, (rows, size, dtype), mask)
-    return mask
-
-
-def attend(q: mx.array, kv: KVHistory, scale: float) -> mx.array:
+def attend(q: mx.array, kv: KVHistory, scale: float, span) -> mx.array:
     """Causal GQA attention of the L queries q [B, H, L, D], the last L of kv.length positions.
 
     Where it pays (kernels.model_uses), int8 histories go to the kernel that reads the codes;
-    otherwise dequantise + SDPA ("causal" is lower-right aligned), over the whole buffer with an explicit mask
-    for a few rows on PADDED_ATTENTION_BACKENDS. A batch whose rows have their own lengths (kv.length an int32
-    array [B], afm_mlx.batch) attends over the whole buffer with a per-row mask.
+    otherwise dequantise + SDPA ("causal" is lower-right aligned), over the whole buffer with the span's mask
+    in the compiled step and in a batch whose rows have their own lengths (span.padded), and for a few rows on
+    PADDED_ATTENTION_BACKENDS.
     """
-    if isinstance(kv.length, mx.array):
-        keys, values = kv.floats(q.dtype, padded=True)
-        mask = row_causal_mask(kv.length, q.shape[2], keys.shape[2], q.dtype)
-        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
-    if kv.key_scale is not None and kernels.model_uses("kv_attention"):
+    if kv.key_scale is not None and kernels.model_uses("kv_attention") and not span.padded:
         return kernels.kv_attention(q, kv.keys, kv.values, kv.key_scale, kv.value_scale, scale=scale,
                                     kv_len=kv.length)
     rows = q.shape[2]
-    if 1 < rows <= PADDED_ATTENTION_MAX_ROWS and backend_name() in PADDED_ATTENTION_BACKENDS:
+    if span.padded or (1 < rows <= PADDED_ATTENTION_MAX_ROWS and backend_name() in PADDED_ATTENTION_BACKENDS):
         keys, values = kv.floats(q.dtype, padded=True)
-        mask = padded_causal_mask(rows, kv.length, keys.shape[2], q.dtype)
+        if backend_name() == "cpu":  # no SDPA kernel there, only its fallback graph
+            groups = q.shape[1] // keys.shape[1]
+            return grouped_attention(q, keys, values, scale, span.mask(rows, keys.shape[2], q.dtype, groups))
+        mask = span.mask(rows, keys.shape[2], q.dtype)
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
     keys, values = kv.floats(q.dtype)
     mask = "causal" if rows > 1 else None

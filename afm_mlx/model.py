@@ -8,6 +8,9 @@ The base has two segments: `layers` (regular transformer layers, each with its o
 `kv_reuse_layers`, which compute only queries and attend to the K/V history of the *last* regular layer.
 K/V are fake-quantised to int8 with one scalar scale per layer, so the cache stores the int8 codes (afm_mlx.kv:
 the codes, the history the reuse layers read, the attention over it).
+
+Every layer of a forward reads where its rows sit from one `Span` (positions, RoPE table rows, masks); decode and
+verify steps run `Model.forward` compiled, with the position an array (afm_mlx.step), the same arithmetic.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from dataclasses import MISSING, dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu, kernels
+from . import cpu, kernels, step
 from .cache import KVCache
-from .kv import KVHistory, attend, int8_codes
+from .kv import KVHistory, attend, int8_codes, padded_causal_mask
 from .errors import AFMError
 
 
@@ -133,11 +136,88 @@ def rope_periods(head_dim: int, theta: float) -> mx.array:
     return 1.0 / inv_freqs
 
 
-def rope(x: mx.array, periods: mx.array, offset: int) -> mx.array:
-    """RoPE on interleaved pairs of x [B, H, L, D] at positions offset..offset+L-1 (periods: rope_periods)."""
-    if cpu.on_cpu():
-        return cpu.fused_rope(x, periods, offset)
-    return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0, offset=offset, freqs=periods)
+@mx.compile
+def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Interleaved RoPE of x [B, H, L, D] with RopeTable rows [L, D]: each pair (x1, x2) becomes
+    (x1 cos - x2 sin, x2 cos + x1 sin), written x * cos + swapped(x) * sin (the table's sin carries the sign).
+    In float32, rounded once to x's dtype, as mx.fast.rope's kernels do."""
+    swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    return (x * cos + swapped * sin).astype(x.dtype)
+
+
+class RopeTable:
+    """cos and sin of tamm's RoPE angles for positions 0..size-1, each repeated for its pair: [size, D] float32.
+
+    The angles are mx.fast.rope's, (position * 1.0) * (1 / period) in float32, so rope() gives its values bit for
+    bit; one slice of rows serves every layer of a forward. Grows in `chunk`s of positions.
+    """
+
+    chunk = 4096
+
+    def __init__(self, head_dim: int, theta: float):
+        self.periods = rope_periods(head_dim, theta)
+        self.cos = self.sin = mx.zeros((0, head_dim))
+
+    def rows(self, start: int, n: int) -> tuple[mx.array, mx.array]:
+        if start + n > self.cos.shape[0]:
+            self._build(-(-(start + n) // self.chunk) * self.chunk)
+        return self.cos[start:start + n], self.sin[start:start + n]
+
+    def rows_at(self, starts: mx.array, n: int) -> tuple[mx.array, mx.array]:
+        """The rows of n positions from each start of int32 starts [B] (a batch's rows): [B, 1, n, D] each."""
+        end = int(starts.max().item()) + n if starts.size else n
+        if end > self.cos.shape[0]:
+            self._build(-(-end // self.chunk) * self.chunk)
+        positions = starts[:, None] + mx.arange(n)[None, :]
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    def _build(self, size: int) -> None:
+        theta = (mx.arange(size, dtype=mx.float32) * 1.0)[:, None] * mx.reciprocal(self.periods)[None]
+        cos, sin = mx.cos(theta), mx.sin(theta)
+        self.cos = mx.repeat(cos, 2, axis=-1)
+        self.sin = mx.stack([-sin, sin], axis=-1).reshape(size, -1)
+        mx.eval(self.cos, self.sin)
+
+
+class Span:
+    """Where one forward's L new rows sit: positions offset..offset+L-1, their RoPE rows [L, D] and the attention
+    masks they need. offset is an int, or inside the compiled step (afm_mlx.step) an array, with `padded` set:
+    attention then reads whole cache buffers under a mask, so no shape depends on the position."""
+
+    def __init__(self, offset: int | mx.array, cos: mx.array, sin: mx.array, padded: bool = False):
+        self.offset, self.cos, self.sin, self.padded = offset, cos, sin, padded
+        self.end = offset + cos.shape[0]  # the K/V length after this forward
+        self._masks: dict = {}
+
+    def rope(self, x: mx.array) -> mx.array:
+        """RoPE of x [B, heads, rows, D], the span's last `rows` rows (reuse layers may keep only the last few)."""
+        rows = x.shape[2]
+        if rows == self.cos.shape[0]:
+            return rope(x, self.cos, self.sin)
+        return rope(x, self.cos[-rows:], self.sin[-rows:])
+
+    def mask(self, rows: int, size: int, dtype: mx.Dtype, groups: int = 1) -> mx.array:
+        """padded_causal_mask for the last `rows` rows over `size` slots, built once per forward."""
+        key = (rows, size, dtype, groups)
+        if key not in self._masks:
+            self._masks[key] = padded_causal_mask(rows, self.end, size, dtype, groups)
+        return self._masks[key]
+
+
+class RowSpan(Span):
+    """A batch whose rows sit at their own positions (afm_mlx.batch): offset int32 [B], RoPE rows [B, 1, L, D],
+    and attention over the whole buffers under a per-row causal mask (padded)."""
+
+    def __init__(self, offset: mx.array, cos: mx.array, sin: mx.array):
+        self.offset, self.cos, self.sin, self.padded = offset, cos, sin, True
+        self.end = offset + cos.shape[2]
+        self._masks = {}
+
+    def rope(self, x: mx.array) -> mx.array:
+        rows = x.shape[2]
+        if rows == self.cos.shape[2]:
+            return rope(x, self.cos, self.sin)
+        return rope(x, self.cos[:, :, -rows:], self.sin[:, :, -rows:])
 
 
 class Attention(nn.Module):
@@ -147,36 +227,33 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         kv_dim = self.n_kv_heads * self.head_dim
-        self.split_at = [args.hidden_dim, args.hidden_dim + kv_dim]  # rows: Q | K | V
-        self.qkv_proj = nn.Linear(args.hidden_dim, args.hidden_dim + 2 * kv_dim, bias=False)
+        self.qkv_proj = nn.Linear(args.hidden_dim, args.hidden_dim + 2 * kv_dim, bias=False)  # rows: Q | K | V
         self.out_proj = nn.Linear(args.hidden_dim, args.hidden_dim, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         if args.kv_quant:
             self.quant_key_scale = mx.array(1.0)
             self.quant_value_scale = mx.array(1.0)
-        self._periods = rope_periods(self.head_dim, args.rope_theta)
         self.scale = self.head_dim**-0.5
 
     @property
     def kv_quant(self) -> bool:
         return "quant_key_scale" in self
 
-    def __call__(self, x: mx.array, cache: KVCache) -> tuple[mx.array, "KVHistory"]:
+    def __call__(self, x: mx.array, cache: KVCache, span: Span) -> tuple[mx.array, "KVHistory"]:
         """x [B, L, hidden] -> (out [B, L, hidden], this layer's K/V history, for the reuse layers)."""
         B, L, _ = x.shape
-        q, k, v = mx.split(self.qkv_proj(x), self.split_at, axis=-1)
-        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = self.q_norm(rope(q, self._periods, cache.offset))  # RoPE before the norm, as in tamm
-        k = self.k_norm(rope(k, self._periods, cache.offset))
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).reshape(B, L, H + 2 * KV, self.head_dim).transpose(0, 2, 1, 3)
+        # q and k together: one RoPE (before the norm, as in tamm) and one RMSNorm, then each side's weight
+        qk = cpu.rms_norm(span.rope(qkv[:, :H + KV]), None, self.q_norm.eps)
+        q, k, v = qk[:, :H] * self.q_norm.weight, qk[:, H:] * self.k_norm.weight, qkv[:, H + KV:]
         scales = (self.quant_key_scale, self.quant_value_scale) if self.kv_quant else (None, None)
         if self.kv_quant:
             k, v = int8_codes(k, scales[0]), int8_codes(v, scales[1])
         cache.append(k, v)
         kv = KVHistory(cache.keys, cache.values, *scales, cache.offset)
-        out = attend(q, kv, self.scale)
+        out = attend(q, kv, self.scale, span)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), kv
 
 
@@ -189,14 +266,12 @@ class KVReuseAttention(nn.Module):
         self.q_proj = nn.Linear(args.hidden_dim, args.hidden_dim, bias=False)
         self.out_proj = nn.Linear(args.hidden_dim, args.hidden_dim, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
-        self._periods = rope_periods(self.head_dim, args.rope_theta)
         self.scale = self.head_dim**-0.5
 
-    def __call__(self, x: mx.array, kv: KVHistory) -> mx.array:
-        B, L, _ = x.shape
+    def __call__(self, x: mx.array, kv: KVHistory, span: Span) -> mx.array:
+        B, L, _ = x.shape  # the L queries are the span's (and the cache's) last L positions
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        offset = kv.length - L  # the L queries are the last L of the cached positions
-        out = attend(self.q_norm(rope(q, self._periods, offset)), kv, self.scale)
+        out = attend(self.q_norm(span.rope(q)), kv, self.scale, span)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -219,8 +294,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache):
-        r, kv = self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache: KVCache, span: Span):
+        r, kv = self.self_attn(self.input_layernorm(x), cache, span)
         h = x + r
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
@@ -233,8 +308,8 @@ class KVReuseTransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, kv: KVHistory) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), kv)
+    def __call__(self, x: mx.array, kv: KVHistory, span: Span) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), kv, span)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -246,16 +321,16 @@ class AFMModel(nn.Module):
         self.kv_reuse_layers = [KVReuseTransformerBlock(args) for _ in range(args.num_kv_reuse_layers)]
         self.output_norm = nn.RMSNorm(args.hidden_dim, eps=args.rms_norm_eps)
 
-    def regular(self, tokens: mx.array, cache: list[KVCache]):
+    def regular(self, tokens: mx.array, cache: list[KVCache], span: Span):
         """Embedding + regular layers: hidden [B, L, hidden] and the last layer's K/V history."""
         h = self.embedding(tokens)
         for layer, layer_cache in zip(self.layers, cache):
-            h, kv = layer(h, layer_cache)
+            h, kv = layer(h, layer_cache, span)
         return h, kv
 
-    def reuse(self, h: mx.array, kv: KVHistory) -> mx.array:
+    def reuse(self, h: mx.array, kv: KVHistory, span: Span) -> mx.array:
         for layer in self.kv_reuse_layers:
-            h = layer(h, kv)
+            h = layer(h, kv, span)
         return self.output_norm(h)
 
     def head(self, h: mx.array) -> mx.array:
@@ -274,20 +349,34 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = AFMModel(args)
+        self.rope_table = RopeTable(args.head_dim, args.rope_theta)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None,
                  num_logits: int | None = None) -> mx.array:
         """tokens [B, L] -> logits [B, L, V], or [B, num_logits, V] for the last num_logits positions.
 
-        The reuse layers and the vocab-wide head run only for the positions whose logits are asked for:
+        A decode or verify step (a few rows after a prefill) runs `forward` compiled (afm_mlx.step): the same
+        arithmetic, the same logits.
+        """
+        cache = self.make_cache() if cache is None else cache
+        if step.applies(self, tokens, cache):
+            return step.logits(self, tokens, cache, num_logits)
+        return self.forward(tokens, cache, self.span(cache[0].offset, tokens.shape[1]), num_logits)
+
+    def forward(self, tokens: mx.array, cache: list, span: Span, num_logits: int | None = None) -> mx.array:
+        """The reuse layers and the vocab-wide head run only for the positions whose logits are asked for:
         reuse layers attend to the regular K/V, never to each other's earlier positions, so dropping
         positions before them changes nothing for the ones kept.
         """
-        cache = self.make_cache() if cache is None else cache
-        h, kv = self.model.regular(tokens, cache)
-        if num_logits is not None:
+        h, kv = self.model.regular(tokens, cache, span)
+        if num_logits is not None and num_logits < h.shape[1]:
             h = h[:, -num_logits:]
-        return self.model.head(self.model.reuse(h, kv))
+        return self.model.head(self.model.reuse(h, kv, span))
+
+    def span(self, offset: int | mx.array, length: int) -> Span:
+        if isinstance(offset, mx.array):  # a batch whose rows sit at their own positions (afm_mlx.batch)
+            return RowSpan(offset, *self.rope_table.rows_at(offset, length))
+        return Span(offset, *self.rope_table.rows(offset, length))
 
     def prefill(self, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> None:
         """Fill the caches with `tokens` [B, L] through the regular layers only, chunk by chunk.
@@ -296,7 +385,8 @@ class Model(nn.Module):
         calls the model on the last one for its logits.
         """
         for start in range(0, tokens.shape[1], chunk_size):
-            self.model.regular(tokens[:, start:start + chunk_size], cache)
+            chunk = tokens[:, start:start + chunk_size]
+            self.model.regular(chunk, cache, self.span(cache[0].offset, chunk.shape[1]))
             mx.eval([c.state for c in cache])
 
     def make_cache(self) -> list[KVCache]:

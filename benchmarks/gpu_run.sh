@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The benchmark on an NVIDIA GPU with MLX's CUDA backend, sized for ~8 minutes of device time (the default stages'
-# limits add up to 430 s, 475 s when the prefill probe runs; one device call may run 600 s, and the tarball is made
+# limits add up to 450 s, 495 s when the prefill probe runs; one device call may run 600 s, and the tarball is made
 # at the end). On a fresh machine MLX compiles every kernel on first use (NVRTC, seconds each): carry the PTX cache.
 #   0. "kernels": the CUDA kernels' GPU tests, one process each, all at once (70 s on an H200, 10 of 10 passed);
 #      "kernel-bench": benchmarks/kernels_bench.py --quick ($KERNEL_BENCH_ARGS, e.g. --only attention). Neither is
 #      in the default STAGES any more: both have run (benchmarks/results/cuda-nvidia-h200/).
 #   1. demo family: prefill at 32/128/512, 64-token decode, k = 1, 2, 4 at T = 0, adapter, 3 trials;
-#   1b. benchmarks/probe/decode_probe.py: demo plain decode as shipped, and with an adapter as shipped and in the
-#       gemv layout, interleaved with mlx-lm, plus graph nodes and host time per decode step
-#       (stage "probe"; "probe-full": the same on the full-size 3B);
+#   1b. benchmarks/probe/decode_probe.py: demo plain decode as shipped (the compiled step), built op by op as
+#       before it ("eager"), and with an adapter, interleaved with mlx-lm, plus graph nodes and host time per
+#       decode step (stage "probe"; "probe-full", not in the default stages: the same on the full-size 3B);
 #   1c. benchmarks/probe/verify_probe.py: demo verify forwards at growing K/V lengths, attention over the valid
 #       prefix (MLX's cuDNN: a graph per length) vs over the padded buffer (afm_mlx.kv, CUDA default);
-#   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2, 4
-#      at T = 0, adapter, 2 trials; if it fails, benchmarks/probe/full_prefill_probe.py names the failing op.
+#   2. full-size 3B base + 48.8M draft, synthetic on-grid weights: prefill at 128/1024, plain decode and k = 2 at
+#      T = 0, then speculative decoding at controlled acceptance (alpha 0.6-0.9 x k 2-6: the real draft and
+#      verify forwards, proposals set to the base's own greedy tokens with probability alpha) and its cost model
+#      (draft step, verify by rows, decode step), adapter, 2 trials; if it fails,
+#      benchmarks/probe/full_prefill_probe.py names the failing op.
 # Results: $OUT/gpu_results.tar.gz (benchmarks/results/<backend>-<device>/...: JSON, markdown, PNGs), plus the
 # two markdown tables and the log as loose files (the device tool returns at most 8 files from $OUT).
 # Unpack here with:  tar xzf gpu_results.tar.gz -C benchmarks/results && python benchmarks/run_bench.py readme
@@ -28,7 +31,7 @@
 # a fresh machine skips compiling MLX's own JIT kernels (fused elementwise etc.; not our custom kernels, which
 # MLX compiles afresh in every process).
 # Every stage has its own time limit, so a slow stage costs its result, not the whole run.
-# STAGES (default "demo probe probe-full verify full") picks stages, e.g. STAGES="kernels kernel-bench".
+# STAGES (default "demo probe verify full") picks stages, e.g. STAGES="kernels kernel-bench".
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -39,7 +42,7 @@ OUT_DIR=${OUT:-benchmarks/results/gpu-run}
 # Hard limits per stage; the --time-budget inside each skips speculative settings that would end past it, so a
 # stage normally ends well before its hard limit and always writes what it measured.
 DEMO_LIMIT=${DEMO_LIMIT:-120}
-FULL_LIMIT=${FULL_LIMIT:-130}
+FULL_LIMIT=${FULL_LIMIT:-240}  # 130 s before the controlled-acceptance grid (20 settings x 2 trials)
 KERNEL_TEST_LIMIT=${KERNEL_TEST_LIMIT:-120}  # per test, all tests at once; the H100 finished 2 in 60 s run serially
 KERNEL_BENCH_LIMIT=${KERNEL_BENCH_LIMIT:-100}  # qmm then attention: 16 NVRTC compiles of a few seconds
 DECODE_PROBE_LIMIT=${DECODE_PROBE_LIMIT:-50}
@@ -47,10 +50,10 @@ FULL_PROBE_LIMIT=${FULL_PROBE_LIMIT:-90}
 PROBE_LIMIT=${PROBE_LIMIT:-45}
 VERIFY_LIMIT=${VERIFY_LIMIT:-40}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --ks 1,2,4 --temperatures 0 --time-budget 80}
-FULL_ARGS=${FULL_ARGS:---no-demo --full --trials 2 --ks 2,4 --time-budget 80}
+FULL_ARGS=${FULL_ARGS:---no-demo --full --trials 2 --ks 2 --time-budget 180}
 KERNEL_BENCH_ARGS=${KERNEL_BENCH_ARGS:-}  # e.g. --only attention
-PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,adapter,adapter-gemv}
-STAGES=" ${STAGES:-demo probe probe-full verify full} "
+PROBE_ARGS=${PROBE_ARGS:---trials 3 --variants default,eager,adapter}
+STAGES=" ${STAGES:-demo probe verify full} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 
 fetch_wheels() {  # run on the development machine: python 3.12 manylinux wheels, the CUDA one split in 40 MiB parts

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import afm_mlx.kv as KV
+from afm_mlx import step
 from afm_mlx.dtypes import backend_name
 from afm_mlx.presets import tiny_base, tiny_draft
 from toolkit_fixtures import STEP_TOKENS, decode_verify_logits, mlx_model_from_toolkit, toolkit_weights
@@ -31,9 +32,12 @@ def test_padded_attention_gives_the_same_logits(config, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"step {step}")
 
 
-def test_verify_rounds_attend_to_one_key_shape(padded_here, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-step"])
+def test_verify_rounds_attend_to_one_key_shape(compiled, padded_here, monkeypatch):
     """The point of padding: verify rounds at different lengths present SDPA the same K/V shape and an
-    explicit mask; single-row decode keeps the valid prefix (MLX's vector kernel, no per-shape graph)."""
+    explicit mask; eager single-row decode keeps the valid prefix (MLX's vector kernel, no per-shape graph), the
+    compiled step (afm_mlx.step) pads every step, decode too: its trace serves every position."""
+    monkeypatch.setattr(step, "ENABLED", compiled)
     model = mlx_model_from_toolkit(toolkit_weights(tiny_base(), seed=5))
     seen = []
     original = mx.fast.scaled_dot_product_attention
@@ -42,7 +46,14 @@ def test_verify_rounds_attend_to_one_key_shape(padded_here, monkeypatch):
         seen.append((q.shape[2], k.shape[2], None if mask is None or isinstance(mask, str) else mask.shape))
         return original(q, k, v, scale=scale, mask=mask, **kw)
 
+    def grouped(q, k, v, scale, mask):  # the CPU's form: each KV head's query group as one matmul's rows
+        groups = q.shape[1] // k.shape[1]
+        seen.append((q.shape[2], k.shape[2], (1, 1, mask.shape[2] // groups, mask.shape[3])))
+        return original_grouped(q, k, v, scale, mask)
+
+    original_grouped = KV.grouped_attention
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(KV, "grouped_attention", grouped)
     cache = model.make_cache()
     tokens = mx.array(STEP_TOKENS)[None]
     model.prefill(tokens[:, :9], cache)  # 9 rows: the prefix path with "causal"
@@ -51,7 +62,7 @@ def test_verify_rounds_attend_to_one_key_shape(padded_here, monkeypatch):
     mx.eval(model(tokens[:, 10:14], cache, num_logits=4))  # verify, length 14
     mx.eval(model(tokens[:, 14:17], cache, num_logits=3))  # verify, length 17
     layers = model.args.num_layers
-    assert seen[:layers] == [(1, 10, None)] * layers
+    assert seen[:layers] == [(1, 256, (1, 1, 1, 256)) if compiled else (1, 10, None)] * layers
     assert seen[layers:2 * layers] == [(4, 256, (1, 1, 4, 256))] * layers
     assert seen[2 * layers:] == [(3, 256, (1, 1, 3, 256))] * layers
 

@@ -124,6 +124,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                           "tokens per verify forward):", ""]
             lines += _table(["k", "afm-mlx tok/s", "speedup", "acceptance", "tokens/step",
                              "mlx-lm tok/s", "speedup", "acceptance", "tokens/step", "afm-mlx / mlx-lm"], rows)
+    lines += _controlled_lines(results.get("controlled"))
     lines += _position_table(results) + _guided_lines(results) + _goal_lines(results) + _memory_lines(results)
     lines += _agreement_lines(results)
     lines += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
@@ -150,6 +151,29 @@ def _guided_lines(results: dict[str, Any]) -> list[str]:
                       f"{mask['seconds_per_mask'] * 1e6:.0f} us, {100 * mask['share_of_step']:.1f}% of a free "
                       f"decode step ({mask['masks']} masks replayed)."]
     return lines
+
+
+def _controlled_lines(controlled: dict[str, Any] | None) -> list[str]:
+    """Speculative decoding at controlled acceptance (bench/controlled.py) and the cost model it implies."""
+    if not controlled:
+        return []
+    c = controlled["cost_model"]
+    verify = ", ".join(f"{r} rows {s * 1e3:,.2f} ms ({s / c['decode_step_s']:.2f}x)"
+                       for r, s in c["verify_s_by_rows"].items())
+    rows = [[f"{s['alpha']:g}", s["k"], _num(s["tps"]), f"{s['speedup']:.2f}x", f"{s['acceptance']:.0%}",
+             f"{s['tokens_per_round']:.2f}", _num(s["predicted_tps"]), f"{s['predicted_speedup']:.2f}x",
+             f"{s['round_s'] * 1e3:,.2f}", f"{s['round_overhead_s'] * 1e3:,.2f}", f"{s['verify_agreed']:.0%}"]
+            for s in controlled["settings"]]
+    return ["", f"Speculative decoding at controlled acceptance, afm-mlx, T = 0 ({controlled['label']}; plain "
+                f"{_num(controlled['plain_tps'])} tok/s; speedup: median of per-trial ratios to the plain run "
+                "that gave the continuation):", ""] + \
+        _table(["alpha", "k", "tok/s", "speedup", "acceptance", "tokens/round", "predicted tok/s",
+                "predicted speedup", "ms/round", "of which not forwards", "verify agreed"], rows) + \
+        ["", f"Cost model (each forward alone, medians, at {c['context']} tokens of context): draft step "
+             f"{c['draft_step_s'] * 1e3:,.2f} ms ({c['draft_step_s'] / c['decode_step_s']:.2f}x a decode step), "
+             f"decode step {c['decode_step_s'] * 1e3:,.2f} ms, verify {verify}; predicted tok/s = "
+             "E(alpha, k) / (k * draft step + verify(k + 1 rows)); 'not forwards' is a round's time in the run "
+             "less those forwards' own times (host work, syncs, rollback)."]
 
 
 def _settings_line(c: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 from ..dtypes import backend_name
 from ..errors import AFMError
 from ..model import ModelArgs
+from .controlled import bench_controlled
 from .engines import AfmEngine, MlxLmEngine, Run
 from .machine import GB, machine_info
 from .workloads import Workload, describe_weights, parameter_bytes, parameter_bytes_16bit
@@ -39,6 +40,8 @@ class BenchConfig:
     guided: bool = True  # afm-mlx decode under a JSON schema vs free, where the workload has a real tokenizer
     seed: int = 0
     time_budget_s: float | None = None  # settings that would end past it are skipped (and listed): Budget
+    controlled_alphas: list[float] = field(default_factory=list)  # speculative at set acceptance (controlled.py)
+    controlled_ks: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
 
     def validate(self) -> None:
         checks = [
@@ -48,6 +51,8 @@ class BenchConfig:
             (all(t >= 0 for t in self.temperatures) and self.temperatures, "temperatures must be >= 0"),
             (self.trials >= 1 and self.warmup >= 0 and self.warmup_tokens >= 1, "trials >= 1, warmup >= 0"),
             (self.time_budget_s is None or self.time_budget_s > 0, "the time budget must be > 0 seconds"),
+            (all(0 <= a <= 1 for a in self.controlled_alphas), "controlled acceptance rates must be in [0, 1]"),
+            (self.controlled_ks and all(1 <= k <= 15 for k in self.controlled_ks), "controlled k must be in 1..15"),
             (set(self.engines) <= set(ENGINES) and self.engines, f"engines must be among {', '.join(ENGINES)}"),
         ]
         for ok, message in checks:
@@ -66,9 +71,11 @@ def default_config(workload: str, backend: str | None = None) -> BenchConfig:
     if workload == "full" and not gpu:
         # ~2.5-3 s per token and per prompt token on 2 shared cores: short prompts, 4 tokens, and warm-ups of one
         # token after a 2-token prompt (the CPU backend compiles nothing per shape; the first run pays allocation).
-        return BenchConfig([4], 2, 4, [2], [0.0], trials=2, warmup=1, warmup_tokens=1, warmup_prompt_length=2)
+        return BenchConfig([4], 2, 4, [2], [0.0], trials=2, warmup=1, warmup_tokens=1, warmup_prompt_length=2,
+                           controlled_alphas=[0.8], controlled_ks=[2, 4])
     if workload == "full":
-        return BenchConfig([128, 1024], 128, 64, [2, 3, 4], [0.0], trials=3, warmup=1, warmup_tokens=4)
+        return BenchConfig([128, 1024], 128, 64, [2, 3, 4], [0.0], trials=3, warmup=1, warmup_tokens=4,
+                           controlled_alphas=[0.6, 0.7, 0.8, 0.9])
     return BenchConfig([32, 128, 512], 128, 128, list(range(1, 9)), [0.0, 0.7], trials=5,
                        adapter_rank=8)
 
@@ -105,7 +112,9 @@ def count_runs(config: BenchConfig, has_draft: bool, engines: int) -> int:
     settings = len(config.prompt_lengths) + len(config.temperatures) * (1 + (len(config.ks) if has_draft else 0))
     adapter = 2 * (config.warmup + config.trials) if config.adapter and "afm-mlx" in config.engines else 0
     guided = (4 if has_draft else 2) * (config.warmup + config.trials) if config.guided else 0
-    return settings * per_setting + adapter + guided
+    controlled = len(config.controlled_alphas) * len(config.controlled_ks) + 1
+    controlled = (config.trials + 1) * controlled if has_draft and config.controlled_alphas else 0
+    return settings * per_setting + adapter + guided + controlled
 
 
 def _median(values: list[float]) -> float:
@@ -391,6 +400,9 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
     budget = Budget(config.time_budget_s)
     engines = make_engines(workload, config.engines)
     speeds, agreement = bench_speeds(engines, workload, config, tick, budget)
+    controlled = None  # before the adapter runs: on a budget, the speculation economics come first
+    if workload.draft is not None and config.controlled_alphas and "afm-mlx" in config.engines:
+        controlled = bench_controlled(workload, config, tick, budget)
     kv_prompt = workload.prompt(min(config.prompt_lengths + [config.decode_prompt_length]), 0)
     for engine in engines:
         speeds[engine.name]["kv_bytes_per_token"] = engine.kv_bytes_per_token(kv_prompt)
@@ -415,6 +427,7 @@ def run_benchmark(workload: Workload, config: BenchConfig, progress: Tick | None
         "config": asdict(config), "engines": speeds, "agreement_greedy": agreement,
         "memory": memory_summary(workload, speeds), "ratios": ratios(speeds),
         "notes": harness_notes(workload, config), "skipped": budget.skipped, "guided": guided,
+        "controlled": controlled,
     }
     results["goals"] = goals(results)
     return results

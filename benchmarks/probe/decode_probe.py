@@ -5,7 +5,8 @@ change one suspect, next to mlx-lm; counts the graph nodes of one decode step (a
 and times its graph construction on the host (Python + MLX op creation, no evaluation) and one step evaluated alone
 (no pipelining: host build + device execution):
 
-    default           afm-mlx as shipped
+    default           afm-mlx as shipped (decode through the compiled step, afm_mlx.step)
+    eager             the step built op by op, as before the compiled step (afm_mlx.step.ENABLED off)
     kv-kernel         int8 attention through the kv_attention kernel on this backend too (CUDA: off by default,
                       kernels/dispatch.py MODEL_BACKENDS; it reads codes, so they are cached)
     kernels-off       AFM_MLX_KERNELS=0: no custom kernel anywhere
@@ -36,12 +37,12 @@ import mlx.core as mx
 
 import afm_mlx.kv as KV
 import afm_mlx.model as M
-from afm_mlx import adapters, bench, kernels
+from afm_mlx import adapters, bench, kernels, step
 from afm_mlx.kernels import dispatch
 from afm_mlx.kernels.reference import dequantize_codes, quantize_codes
 
 
-VARIANTS = ["default", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part",
+VARIANTS = ["default", "eager", "kv-kernel", "kernels-off", "plain-kv", "adapter", "adapter-per-part",
             "adapter-gemv"]
 ADAPTER = "probe-random-adapter"
 
@@ -89,6 +90,8 @@ def variant(name: str, model):
         if name == "kv-kernel":
             stack.enter_context(patched(dispatch, "MODEL_BACKENDS", {**dispatch.MODEL_BACKENDS,
                                                                      "kv_attention": ("metal", "cuda")}))
+        if name == "eager":
+            stack.enter_context(patched(step, "ENABLED", False))
         if name == "kernels-off":
             kernels.set_enabled(False)
             stack.callback(kernels.set_enabled, True)
