@@ -237,3 +237,28 @@ def test_bench_guided_measures_speed_mask_and_acceptance(demo):
     assert result["plain"]["guided_tps"] > 0 and result["plain"]["ratio"] > 0
     assert 0 <= result["speculative"]["guided_acceptance"] <= 1 and result["plain"]["guided_acceptance"] is None
     assert result["mask"]["masks"] == result["plain"]["guided_tokens"] and 0 < result["mask"]["seconds_per_mask"]
+
+
+def test_matcher_stays_in_step_with_every_speculative_round(demo):
+    """After every round the matcher holds exactly the emitted tokens: drafts it took are rolled back to the
+    accepted prefix and the correction (or bonus) is added."""
+    from afm_mlx.generation import PromptCache
+    from afm_mlx.sampling import RandomKeys, SamplingParams
+    from afm_mlx.speculative import DraftLength, SpeculativeDecoder
+    from afm_mlx.stats import SpeculativeStats
+
+    model, tok = demo
+    constraint = make_guide(tok, schema=PERSON).constraint(model.args.vocab_size)
+    prompt = tok.encode_prompt("Who is Emma?")
+    cache = PromptCache(model, model.draft)
+    cache.prefill(prompt)
+    params = SamplingParams(temperature=1.0, seed=4)
+    decoder = SpeculativeDecoder(model, model.draft, cache.base, cache.draft, params, RandomKeys(4), DraftLength(4),
+                                 SpeculativeStats(4), constraint)
+    history, rejected = list(prompt), 0
+    while len(history) - len(prompt) < 40 and history[-1] not in tok.stop_ids:
+        emitted = decoder.finish(decoder.start(history), history)
+        history += emitted
+        rejected += len(emitted) < 5
+        assert constraint.consumed + constraint._ended == len(history) - len(prompt)
+    assert rejected > 0  # some rounds rolled the matcher back
