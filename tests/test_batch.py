@@ -110,11 +110,11 @@ def test_prefix_cache_is_bounded_and_keyed_by_adapter(demo):
     model.prefill(mx.array([ids]), caches)
     one = sum(c.nbytes for c in caches)
     cache = PrefixCache(model, max_bytes=one * 3 // 2)
-    cache.store(ids, None, caches)
+    cache.store(ids, None, [c.state for c in caches])
     assert cache.lookup(ids, "a")[1] == 0 and cache.lookup(ids[:5] + [1], None)[1] == 5
-    cache.store(ids[:3], None, caches)  # covered by the stored prompt: nothing added
+    cache.store(ids[:3], None, [c.state for c in caches])  # covered by the stored prompt: nothing added
     assert len(cache.entries) == 1
-    cache.store(ids, "a", caches)  # over the bound: the least recently used goes
+    cache.store(ids, "a", [c.state for c in caches])  # over the bound: the least recently used goes
     assert list(e.adapter for e in cache.entries.values()) == ["a"] and cache.nbytes == one
 
 
