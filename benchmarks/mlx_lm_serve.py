@@ -4,7 +4,8 @@
 
 Harness-only, as the bench does for mlx-lm's generate: mlx-lm 0.32's `afm7` holding the very same weight arrays
 (afm_mlx.bench.engines.mlx_lm_mirror, with its patches kept on for the server's lifetime), and a small
-SentencePiece shim in place of a Hugging Face tokenizer (the demo has none). /v1/completions only.
+SentencePiece shim in place of a Hugging Face tokenizer (the demo has none), and a listen backlog that takes 32
+clients connecting at once. /v1/completions only.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main() -> None:
     mlx_lm_patches().__enter__()  # kept on until the process exits
     server.load = lambda *args, **kwargs: (theirs, wrapper, {})
     server.load_processor = lambda *args, **kwargs: None
+    # http.server listens with a backlog of 5: 32 clients connecting at once get connection resets
+    server.ThreadingHTTPServer.request_queue_size = 128
     sys.argv = ["mlx_lm.server", "--model", "afm-demo", *sys.argv[1:]]
     server.main()
 

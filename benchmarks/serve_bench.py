@@ -214,8 +214,8 @@ def run(opts) -> dict:
 def server(command: list[str], model_id: str, exit_codes: list[int]):
     proc, url = start_server(command, model_id)
     try:
-        for c in CLIENTS_WARM_UP:  # every batch size and prompt shape traced once (mx.compile) before timing
-            asyncio.run(load(url, c, 1, 8, model_id))
+        for c in CLIENTS_WARM_UP:  # batch sizes and prompt shapes traced (mx.compile) before timing
+            asyncio.run(load(url, c, 2, 16, model_id))
         yield url
     finally:
         exit_codes.append(stop_server(proc))
