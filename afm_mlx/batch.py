@@ -6,9 +6,9 @@
     while batch.busy:
         for uid, response in batch.step(): ...                    # GenerationResponse pieces, as stream_generate's
 
-Each row has its own position, sampling parameters, key stream, stop strings, token budget and adapter. A joining
-row is prefilled alone (exactly as `generate` does, reusing a cached prompt prefix where one matches), then its
-caches join the batch: `BatchKVCache` holds every row's K/V in one buffer [B, KV, S_alloc, D] with a length per
+Each row has its own position, sampling parameters, key stream, stop strings, token budget and adapter. Joining
+rows (up to prefill_batch per step) are prefilled together in one forward, each after its cached prompt prefix
+where one matches, then join the batch: `BatchKVCache` holds every row's K/V in one buffer [B, KV, S_alloc, D] with a length per
 row, RoPE takes the per-row positions, and attention masks each row's slots past its own length. Leaving rows
 are dropped from the buffer between steps (one gather). Decoding is pipelined as in `plain_decode`: step n + 1
 is queued before step n's tokens are read, so a row that just finished costs one wasted row-step.
@@ -38,6 +38,8 @@ from .prefix_cache import PrefixCache
 from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, mask_logits, sample_token
 from .stats import GenerationStats
 
+
+PREFILL_WIDTH_STEP = 32  # joining rows prefill as [n, multiple of this]: fewer shapes for mx.compile to trace
 
 # ---- the batched cache
 
@@ -78,6 +80,23 @@ class BatchKVCache:
         self.keys = mx.concatenate([k for k, _ in parts], axis=0)
         self.values = mx.concatenate([v for _, v in parts], axis=0)
         self._set_lengths(lengths)
+
+    def extend(self, other: "BatchKVCache") -> None:
+        """Append the rows of another batch cache (after this one's)."""
+        if other.keys is None:
+            return
+        if self.keys is not None:
+            size = max(self.keys.shape[2], other.keys.shape[2])
+            keys = mx.concatenate([_pad(self.keys, size), _pad(other.keys, size)])
+            values = mx.concatenate([_pad(self.values, size), _pad(other.values, size)])
+        else:
+            keys, values = other.keys, other.values
+        self.keys, self.values = keys, values
+        self._set_lengths(self.lengths + other.lengths)
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        return () if self.keys is None else (self.keys, self.values)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); the buffer shrinks to what the longest kept row needs."""
@@ -256,10 +275,11 @@ class BatchGenerator:
     Not thread-safe: one thread calls submit / cancel / step (afm_mlx.engine puts it behind a queue).
     """
 
-    def __init__(self, model: Model, tokenizer, *, max_batch: int = 32, prefill_chunk_size: int = PREFILL_CHUNK_SIZE,
-                 prefix_cache: PrefixCache | None = None):
+    def __init__(self, model: Model, tokenizer, *, max_batch: int = 32, prefill_batch: int = 8,
+                 prefill_chunk_size: int = PREFILL_CHUNK_SIZE, prefix_cache: PrefixCache | None = None):
         _check_positive_int("max_batch", max_batch)
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        _check_positive_int("prefill_batch", prefill_batch)
+        self.model, self.tokenizer, self.max_batch, self.prefill_batch = model, tokenizer, max_batch, prefill_batch
         self.prefill_chunk_size, self.prefix_cache = prefill_chunk_size, prefix_cache
         self.cache = [BatchKVCache() for _ in model.model.layers]
         self.template = kv_template(model)
@@ -336,30 +356,45 @@ class BatchGenerator:
         self.rows = [self.rows[b] for b in keep]
 
     def _admit(self) -> list[Row]:
-        """Prefill waiting rows (up to max_batch in all) alone and add their caches to the batch."""
+        """Prefill up to prefill_batch waiting rows (max_batch in all) together and add them to the batch."""
         joined = []
-        while self.waiting and len(self.rows) + len(joined) < self.max_batch:
+        while (self.waiting and len(self.rows) + len(joined) < self.max_batch
+               and len(joined) < self.prefill_batch):
             joined.append(self.waiting.popleft())
-        caches = [self._prefill(row) for row in joined]
-        for layer, c in enumerate(self.cache):
-            if caches:
-                c.add_rows([rc[layer] for rc in caches], self.template)
+        if joined:
+            for c, new in zip(self.cache, self._prefill(joined)):
+                c.extend(new)
         self.rows += joined
         return joined
 
-    def _prefill(self, row: Row) -> list[KVCache]:
-        """The row's caches holding its prompt but the last id, as PromptCache.prefill leaves them."""
-        target = row.history[:-1]
-        cache, reused = (self.prefix_cache.lookup(target, row.request.adapter) if self.prefix_cache is not None
-                         else (self.model.make_cache(), 0))
-        if len(target) > reused:
-            with using_adapter(self.model, row.request.adapter):
-                self.model.prefill(mx.array([target[reused:]], dtype=mx.int32), cache, self.prefill_chunk_size)
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(target, row.request.adapter, cache)
-        row.stats.cached_prompt_tokens = reused
-        row.stats.prefill_s = time.perf_counter() - row.start
-        return cache
+    def _prefill(self, rows: list[Row]) -> list[BatchKVCache]:
+        """The rows' caches holding each prompt but its last id, as PromptCache.prefill leaves them: cached
+        prefixes first, then every row's remaining ids in one forward, right-padded to the longest (causal: no
+        valid position sees the padding, whose K/V are trimmed after)."""
+        found = [self._lookup(row) for row in rows]
+        batch = [BatchKVCache() for _ in self.cache]
+        for layer, c in enumerate(batch):
+            c.add_rows([caches[layer] for caches, _ in found], self.template)
+        news = [row.history[reused:-1] for row, (_, reused) in zip(rows, found)]
+        width = _round_up(max(map(len, news)), PREFILL_WIDTH_STEP)
+        if width:
+            tokens = mx.array([ids + [0] * (width - len(ids)) for ids in news], dtype=mx.int32)
+            with using_row_adapters(self.model, [row.request.adapter for row in rows]):
+                self.model.prefill(tokens, batch, self.prefill_chunk_size)
+            for c in batch:
+                c.trim_rows([width - len(ids) for ids in news])
+        for b, (row, (_, reused)) in enumerate(zip(rows, found)):
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(row.history[:-1], row.request.adapter,
+                                        [(c.keys[b:b + 1], c.values[b:b + 1]) for c in batch])
+            row.stats.cached_prompt_tokens = reused
+            row.stats.prefill_s = time.perf_counter() - row.start
+        return batch
+
+    def _lookup(self, row: Row) -> tuple[list[KVCache], int]:
+        if self.prefix_cache is None:
+            return self.model.make_cache(), 0
+        return self.prefix_cache.lookup(row.history[:-1], row.request.adapter)
 
     def _forward(self, joined: list[Row]) -> mx.array:
         """One forward for every row (lazy): the next-token logits [B, V]."""

@@ -3,7 +3,7 @@
     cache = PrefixCache(model, max_bytes=256 << 20)
     caches, reused = cache.lookup(ids, adapter)    # fresh per-sequence KVCaches holding ids[:reused]
     ...prefill ids[reused:] into them...
-    cache.store(ids, adapter, caches)              # keep their first len(ids) positions for later requests
+    cache.store(ids, adapter, [c.state for c in caches])   # keep their first len(ids) positions for later
 
 Entries are whole prompts (the ids a row prefilled) keyed by adapter (a LoRA changes the K/V); a lookup reuses the
 longest common prefix with any entry. Bounded in bytes of K/V held, least recently used evicted first; an entry
@@ -56,8 +56,8 @@ class PrefixCache:
             self.hits, self.reused_tokens = self.hits + 1, self.reused_tokens + best
         return caches, best
 
-    def store(self, ids: list[int], adapter: str | None, caches: list[KVCache]) -> None:
-        """Keep the first len(ids) positions of these caches (they hold at least that many) for later lookups."""
+    def store(self, ids: list[int], adapter: str | None, kv: list[tuple[mx.array, mx.array]]) -> None:
+        """Keep the first len(ids) positions of one sequence's K/V (per regular layer, [1, KV, >= len(ids), D])."""
         ids = tuple(ids)
         if not ids:
             return
@@ -67,7 +67,7 @@ class PrefixCache:
                 return
             if e.adapter == adapter and ids[:len(e.ids)] == e.ids:
                 self._remove(key)  # superseded by the longer prompt
-        kv = [(c.keys[:, :, :len(ids)], c.values[:, :, :len(ids)]) for c in caches]
+        kv = [(k[:, :, :len(ids)], v[:, :, :len(ids)]) for k, v in kv]
         mx.eval(kv)
         nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
         if nbytes > self.max_bytes:

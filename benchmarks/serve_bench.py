@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +38,7 @@ from afm_mlx.batch import BatchGenerator, BatchKVCache, kv_template, make_reques
 from afm_mlx.bench.suite import random_adapter
 
 ROOT = Path(__file__).resolve().parent
+CLIENTS_WARM_UP = (1, 4, 16, 32)
 PROMPTS = [p[:300] for novel in json.loads((ROOT / "prompts_held_out.json").read_text())["held_out"].values()
            for p in novel]
 
@@ -76,25 +78,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+def start_server(command: list[str], model_id: str = "afm") -> tuple[subprocess.Popen, str]:
+    """Run a server command (given `--port`) and wait for it to answer a tiny completion."""
     import httpx2 as httpx
 
     port = free_port()
-    exe = Path(sys.executable).parent / "afm-mlx"
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), *args], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            body = {"model": model_id, "prompt": "Hi", "max_tokens": 1}
+            if httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("the server did not start")
+    raise RuntimeError(f"{command[0]} did not start")
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": "afm", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+def afm_server(max_batch: int) -> list[str]:
+    return [str(Path(sys.executable).parent / "afm-mlx"), "serve", "--max-batch", str(max_batch),
+            "--max-queue", "256"]
+
+
+def mlx_lm_server(max_batch: int) -> list[str]:
+    return [sys.executable, str(ROOT / "mlx_lm_serve.py"), "--decode-concurrency", str(max_batch)]
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int, model_id: str) -> dict:
+    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, times, tokens = time.perf_counter(), [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -110,13 +122,13 @@ async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
     return {"tokens": tokens, "ttft": ttft, "itl": [b - a for a, b in zip(times, times[1:])]}
 
 
-async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def load(url: str, clients: int, requests: int, max_tokens: int, model_id: str = "afm") -> dict:
     import httpx2 as httpx
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def one_client(c: int):
-            return [await one_request(client, url, PROMPTS[(c * requests + r) % len(PROMPTS)], max_tokens)
+            return [await one_request(client, url, PROMPTS[(c * requests + r) % len(PROMPTS)], max_tokens, model_id)
                     for r in range(requests)]
 
         start = time.perf_counter()
@@ -138,7 +150,11 @@ def pct(values: list[float], q: float) -> float:
 
 def stop_server(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=60)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 # ---- adapters in one batch
@@ -175,28 +191,45 @@ def bench_adapters(model, tokenizer, rows: int, trials: int, max_tokens: int) ->
 
 def run(opts) -> dict:
     model, tokenizer = afm_mlx.load(draft=False)
-    proc, url = start_server("--max-batch", str(max(opts.clients)), "--max-queue", "256")
-    try:
-        asyncio.run(load(url, 2, 1, 8))  # warm-up
-        trials = {c: {"bare": [], "server": []} for c in opts.clients}
-        for _ in range(opts.trials):
+    for c in opts.clients:
+        bare_tps(model, tokenizer, c, 4)  # warm-up
+    trials = {c: {"bare": [], "server": [], "mlx_lm": []} for c in opts.clients}
+    exit_codes = []
+    for _ in range(opts.trials):  # one server up at a time
+        with server(afm_server(max(opts.clients)), "afm", exit_codes) as url:
             for c in opts.clients:
                 trials[c]["bare"].append(bare_tps(model, tokenizer, c, opts.max_tokens))
                 trials[c]["server"].append(asyncio.run(load(url, c, opts.requests, opts.max_tokens)))
-    finally:
-        exit_code = stop_server(proc)
+        if opts.mlx_lm:
+            with server(mlx_lm_server(max(opts.clients)), "afm-demo", []) as url:
+                for c in opts.clients:
+                    trials[c]["mlx_lm"].append(asyncio.run(load(url, c, opts.requests, opts.max_tokens, "afm-demo")))
     rows = [summarise(c, t) for c, t in trials.items()]
     adapters = bench_adapters(model, tokenizer, opts.adapter_rows, opts.trials, opts.max_tokens)
-    return {"machine": machine(), "options": vars(opts), "server_exit_code": exit_code, "rows": rows,
-            "adapters": adapters}
+    return {"machine": machine(), "options": {k: str(v) for k, v in vars(opts).items()},
+            "afm_server_exit_codes": exit_codes, "rows": rows, "adapters": adapters}
+
+
+@contextmanager
+def server(command: list[str], model_id: str, exit_codes: list[int]):
+    proc, url = start_server(command, model_id)
+    try:
+        for c in CLIENTS_WARM_UP:  # batch sizes and prompt shapes traced (mx.compile) before timing
+            asyncio.run(load(url, c, 2, 16, model_id))
+        yield url
+    finally:
+        exit_codes.append(stop_server(proc))
 
 
 def summarise(clients: int, t: dict) -> dict:
     ratios = [s["tps"] / b for b, s in zip(t["bare"], t["server"])]
     server = {k: statistics.median(s[k] for s in t["server"]) for k in t["server"][0]}
-    return {"clients": clients, "bare_tps": statistics.median(t["bare"]), **{f"server_{k}": v for k, v in
-                                                                              server.items()},
-            "ratio": statistics.median(ratios), "ratios": ratios}
+    row = {"clients": clients, "bare_tps": statistics.median(t["bare"]),
+           **{f"server_{k}": v for k, v in server.items()}, "ratio": statistics.median(ratios), "ratios": ratios}
+    if t["mlx_lm"]:
+        row.update({f"mlx_lm_{k}": statistics.median(s[k] for s in t["mlx_lm"]) for k in t["mlx_lm"][0]})
+        row["vs_mlx_lm"] = statistics.median(s["tps"] / m["tps"] for s, m in zip(t["server"], t["mlx_lm"]))
+    return row
 
 
 def machine() -> dict:
@@ -207,22 +240,26 @@ def machine() -> dict:
 
 
 def markdown(result: dict) -> str:
-    o = result["options"]
-    lines = [f"# afm-mlx serve vs the bare batched forward (demo family, {result['machine']['device']})", "",
+    o, m = result["options"], result["machine"]
+    lines = [f"# afm-mlx serve: the bare batched forward, the server, mlx_lm.server (demo family, {m['device']})", "",
              f"{o['requests']} completions of {o['max_tokens']} tokens per client, greedy, streamed; medians of "
-             f"{o['trials']} interleaved trials; commit {result['machine']['commit']}, load average "
-             f"{', '.join(f'{x:.1f}' for x in result['machine']['load_avg'])}.", "",
-             "| clients | bare forward tok/s | server tok/s | server / bare | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
-             "|---|---|---|---|---|---|"]
+             f"{o['trials']} trials (bare and server interleaved per client count; one server up at a time); "
+             f"commit {m['commit']}, {m['cpus']} CPUs, load average {', '.join(f'{x:.1f}' for x in m['load_avg'])}.",
+             "", "| clients | bare forward tok/s | afm-mlx serve tok/s | serve / bare | TTFT p50 / p99 ms | "
+                 "ITL p50 / p99 ms | mlx_lm.server tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | serve / mlx-lm |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        theirs = (f"{r['mlx_lm_tps']:.1f} | {r['mlx_lm_ttft_p50_ms']:.0f} / {r['mlx_lm_ttft_p99_ms']:.0f} | "
+                  f"{r['mlx_lm_itl_p50_ms']:.0f} / {r['mlx_lm_itl_p99_ms']:.0f} | {r['vs_mlx_lm']:.2f}"
+                  if "mlx_lm_tps" in r else "- | - | - | -")
         lines.append(f"| {r['clients']} | {r['bare_tps']:.1f} | {r['server_tps']:.1f} | {r['ratio']:.2f} | "
                      f"{r['server_ttft_p50_ms']:.0f} / {r['server_ttft_p99_ms']:.0f} | "
-                     f"{r['server_itl_p50_ms']:.0f} / {r['server_itl_p99_ms']:.0f} |")
+                     f"{r['server_itl_p50_ms']:.0f} / {r['server_itl_p99_ms']:.0f} | {theirs} |")
     a = result["adapters"]
     lines += ["", f"Adapters (batch engine, {a['rows']} rows, rank {a['rank']}): no adapter {a['none_tps']:.1f} "
                   f"tok/s, 4 different adapters in the batch {a['four_adapters_tps']:.1f} tok/s, ratio "
                   f"{a['ratio']:.2f} (per trial: {', '.join(f'{x:.2f}' for x in a['ratios'])}).",
-              "", f"Server exit code after SIGTERM: {result['server_exit_code']}."]
+              "", f"afm-mlx serve exit codes after SIGTERM: {result['afm_server_exit_codes']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +270,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--adapter-rows", type=int, default=16)
+    parser.add_argument("--mlx-lm", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also mlx_lm.server on the same weights (benchmarks/mlx_lm_serve.py).")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve")
     opts = parser.parse_args()
     result = run(opts)

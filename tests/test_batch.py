@@ -110,11 +110,11 @@ def test_prefix_cache_is_bounded_and_keyed_by_adapter(demo):
     model.prefill(mx.array([ids]), caches)
     one = sum(c.nbytes for c in caches)
     cache = PrefixCache(model, max_bytes=one * 3 // 2)
-    cache.store(ids, None, caches)
+    cache.store(ids, None, [c.state for c in caches])
     assert cache.lookup(ids, "a")[1] == 0 and cache.lookup(ids[:5] + [1], None)[1] == 5
-    cache.store(ids[:3], None, caches)  # covered by the stored prompt: nothing added
+    cache.store(ids[:3], None, [c.state for c in caches])  # covered by the stored prompt: nothing added
     assert len(cache.entries) == 1
-    cache.store(ids, "a", caches)  # over the bound: the least recently used goes
+    cache.store(ids, "a", [c.state for c in caches])  # over the bound: the least recently used goes
     assert list(e.adapter for e in cache.entries.values()) == ["a"] and cache.nbytes == one
 
 
@@ -184,3 +184,20 @@ def test_batch_cache_rows_match_their_own_caches():
     for b, (c, trim) in zip((0, 1), [(singles[2], 2), (singles[0], 1)]):
         c.trim(trim)
         assert mx.array_equal(batch.keys[b:b + 1, :, :c.offset], c.state[0])
+
+
+def test_row_adapters_follow_loads_and_cost_nothing_without_adapters(demo, tmp_path):
+    from afm_mlx.adapters import LoRALinear, unload_adapter, using_row_adapters
+
+    model, tokenizer = demo
+    with using_row_adapters(model, [None, None]):  # no adapter in the batch: the bare projections, no wrapper
+        assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
+    batch_generate(model, tokenizer, PROMPTS[:2], options=[dict(max_tokens=2, adapter=a) for a in "ab"])
+    save_checkpoint(tmp_path / "c.pt", toolkit_lora(model.args, 13, rank=8, gain=40.0).items())
+    load_adapter(model, tmp_path / "c.pt", name="c")  # after the gathered stacks were built
+    try:
+        options = [dict(max_tokens=6, adapter=a) for a in ("c", "a", None)]
+        results = assert_same_as_alone(model, tokenizer, PROMPTS[:3], options)
+        assert results[0].tokens != alone(model, tokenizer, PROMPTS[0], max_tokens=6).tokens
+    finally:
+        unload_adapter(model, "c")

@@ -254,3 +254,20 @@ async def _load(server, jobs):
         return [r for rs in await asyncio.gather(*(one_client(j) for j in jobs)) for r in rs]
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--port", "70000"], "--port must be in"),
+    (["--max-queue", "0"], "--max-queue must be >= 1"),
+    (["--model", "/nonexistent/model"], "model directory not found"),
+    (["--adapter", "mail=/nonexistent.pt"], "nonexistent"),
+])
+def test_bad_serve_options_are_one_error_line(args, match):
+    from typer.testing import CliRunner
+
+    from afm_mlx.cli import app
+
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
