@@ -6,6 +6,8 @@ torch is a dev-only dependency; without it these tests are skipped (the runtime 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -23,6 +25,8 @@ TINY_BASE = AFMConfig(vocab_size=64, hidden_dim=128, num_layers=3, num_kv_reuse_
                       num_kv_heads=1, hidden_dim_scale_factor=2.0, lora_rank=4, lora_alpha=2.0)
 TINY_DRAFT = AFMConfig(vocab_size=64, hidden_dim=64, num_layers=2, num_kv_reuse_layers=0, num_heads=4,
                        num_kv_heads=2, hidden_dim_scale_factor=3.0)
+TINY_DRAFT_V2 = AFMConfig(vocab_size=400, hidden_dim=64, num_layers=1, num_kv_reuse_layers=0, num_heads=2,
+                          num_kv_heads=1, hidden_dim_scale_factor=4.0)  # the v2 draft's shape at one layer
 
 
 def test_base_keys_are_the_toolkit_names():
@@ -93,7 +97,7 @@ def test_ema_observer_and_kv_fake_quant_follow_the_toolkit():
     np.testing.assert_array_equal(y.grad.numpy(), [1.0, 1.0])  # straight-through
 
 
-@pytest.mark.parametrize("bits,group", [(2, 128), (4, 32)])
+@pytest.mark.parametrize("bits,group", [(2, 128), (4, 32), (4, 64)])  # base linears, base embedding, v2 draft
 def test_grid_snap_is_exact_idempotent_and_found_by_the_converter(bits, group):
     from afm_mlx.converters.quantize import QuantSetting, quantize_tensor
 
@@ -152,3 +156,35 @@ def test_inverse_kl_is_kl_of_draft_from_target():
     ref = np.mean(np.sum(p_d * (np.log(p_d) - np.log(p_t)), -1))
     assert float(train.inverse_kl(target, draft)) == pytest.approx(ref, rel=1e-5)
     assert math.isclose(float(train.inverse_kl(target, target)), 0.0, abs_tol=1e-6)
+
+
+def test_qat_draft_converts_exactly_at_4_bits_and_matches_torch(tmp_path):
+    """The v2 family's path: a 2-bit QAT base and a 4-bit (group 64) QAT draft, exported in the toolkit's layout,
+    go through `afm-mlx convert`'s `auto` recipe onto exact grids, and the loaded MLX draft computes the torch
+    draft's logits."""
+    import mlx.core as mx
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    import afm_mlx
+    from afm_mlx.converters import convert
+
+    torch.manual_seed(0)
+    base = AFMText(dataclasses.replace(TINY_BASE, vocab_size=400)).eval()  # the tiny tokenizer's vocabulary
+    draft = AFMText(TINY_DRAFT_V2).eval()
+    afm_torch.snap_weights_to_grid(base, bits=2, group_size=128, embed_bits=4, embed_group_size=32)
+    afm_torch.snap_weights_to_grid(draft, bits=4, group_size=64, embed_bits=4, embed_group_size=64)
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for model, name in ((base, "base-model.pt"), (draft, "draft-model.pt")):
+        torch.save(model.toolkit_state_dict(), assets / name)
+    build_tiny_tokenizer(assets)
+    convert(assets, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "draft" / "conversion_report.json").read_text())
+    assert report["tensors_lossy"] == 0
+    assert {(t["bits"], t["group_size"]) for t in report["tensors"] if t["storage"] == "grid"} == {(4, 64)}
+    mlx_draft = afm_mlx.load(tmp_path / "out" / "draft", draft=False)[0]
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 17, 40, 63]])
+    with torch.no_grad():
+        expected = draft(tokens).numpy()
+    got = np.array(mlx_draft(mx.array(tokens.numpy()), mlx_draft.make_cache()).astype(mx.float32))
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, atol=2e-3, rtol=2e-3)
