@@ -97,7 +97,7 @@ def test_ema_observer_and_kv_fake_quant_follow_the_toolkit():
     np.testing.assert_array_equal(y.grad.numpy(), [1.0, 1.0])  # straight-through
 
 
-@pytest.mark.parametrize("bits,group", [(2, 128), (4, 32), (4, 64)])  # base linears, base embedding, v2 draft
+@pytest.mark.parametrize("bits,group", [(2, 128), (4, 32), (4, 64), (2, 64)])  # base linears / embedding, v2 draft
 def test_grid_snap_is_exact_idempotent_and_found_by_the_converter(bits, group):
     from afm_mlx.converters.quantize import QuantSetting, quantize_tensor
 
@@ -159,7 +159,7 @@ def test_inverse_kl_is_kl_of_draft_from_target():
 
 
 def test_qat_draft_converts_exactly_at_4_bits_and_matches_torch(tmp_path):
-    """The v2 family's path: a 2-bit QAT base and a 4-bit (group 64) QAT draft, exported in the toolkit's layout,
+    """The v2 family's path: a 2-bit QAT base and a 4-bit (group 64, embedding 2-bit) QAT draft, exported in the toolkit's layout,
     go through `afm-mlx convert`'s `auto` recipe onto exact grids, and the loaded MLX draft computes the torch
     draft's logits."""
     import mlx.core as mx
@@ -172,7 +172,7 @@ def test_qat_draft_converts_exactly_at_4_bits_and_matches_torch(tmp_path):
     base = AFMText(dataclasses.replace(TINY_BASE, vocab_size=400)).eval()  # the tiny tokenizer's vocabulary
     draft = AFMText(TINY_DRAFT_V2).eval()
     afm_torch.snap_weights_to_grid(base, bits=2, group_size=128, embed_bits=4, embed_group_size=32)
-    afm_torch.snap_weights_to_grid(draft, bits=4, group_size=64, embed_bits=4, embed_group_size=64)
+    afm_torch.snap_weights_to_grid(draft, bits=4, group_size=64, embed_bits=2, embed_group_size=64)
     assets = tmp_path / "assets"
     assets.mkdir()
     for model, name in ((base, "base-model.pt"), (draft, "draft-model.pt")):
@@ -181,7 +181,8 @@ def test_qat_draft_converts_exactly_at_4_bits_and_matches_torch(tmp_path):
     convert(assets, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "draft" / "conversion_report.json").read_text())
     assert report["tensors_lossy"] == 0
-    assert {(t["bits"], t["group_size"]) for t in report["tensors"] if t["storage"] == "grid"} == {(4, 64)}
+    grids = {t["source"]: (t["bits"], t["group_size"]) for t in report["tensors"] if t["storage"] == "grid"}
+    assert grids.pop("embedding.weight") == (2, 64) and set(grids.values()) == {(4, 64)}
     mlx_draft = afm_mlx.load(tmp_path / "out" / "draft", draft=False)[0]
     tokens = torch.tensor([[1, 5, 9, 33, 2, 17, 40, 63]])
     with torch.no_grad():
