@@ -1,24 +1,26 @@
 """Regenerate the demo AFM family (tokenizer, base, draft) from scratch and ship it in afm_mlx/demo_model/.
 
-    python benchmarks/demo/build_demo.py            # everything (about 45-60 min on the 2-core CPU)
-    python benchmarks/demo/build_demo.py --fresh    # ignore cached stages in benchmarks/demo/work/
+    python benchmarks/demo/build_demo.py               # family v2, the shipped one (about 90 min on the shared 2-core CPU)
+    python benchmarks/demo/build_demo.py --family v1   # the first family (issue #8)
+    python benchmarks/demo/build_demo.py --fresh       # ignore cached stages in benchmarks/demo/work/
 
-Stages (each cached in the work dir, so an interrupted run resumes where it stopped):
+Stages (each cached in the work dir, so an interrupted run resumes where it stopped; sizes are v2's, see FAMILIES):
  1. corpus     Jane Austen's six novels from Debian's r-cran-janeaustenr 1.0.0-1 (pinned sha256); the last 5% of
                each novel is held out.
  2. tokenizer  SentencePiece (8192 pieces): pad 0, EOS 1, unk 2, user-defined <turn_start> <turn_end> <n>
                <executable_start> <executable_end>; newlines are "<n>" (the toolkit's text processor).
- 3. base       AFMTextV7 scaled down (4 regular + 2 KV-reuse layers, hidden 256, 4 q / 2 kv heads of 64),
+ 3. base       AFMTextV7 scaled down (10 regular + 6 KV-reuse layers, hidden 192, 3 q / 1 kv heads of 64),
                pre-trained in bf16-mixed with int8 KV fake-quant (EMA observers) on corpus windows, with 25% of
                each batch chat-template samples built from consecutive paragraphs (so templated prompts work).
  4. qat        2-bit (group 128) QAT of every linear and 4-bit (group 32) of the tied embedding, then the weights
                are snapped exactly onto that grid in float32 (fp16-representable scales and minima).
- 5. draft      uniform AFM (4 layers, hidden 192, 6 q / 2 kv heads of 32), embedding initialised from the base's by SVD projection,
+ 5. draft      uniform AFM (4 layers, hidden 64), embedding initialised from the base's by SVD projection,
                distilled from the QAT base with the toolkit's inverse-KL loss on corpus windows and on the base's
-               own greedy and sampled continuations; weights rounded to float16-representable values at the end.
+               own greedy and sampled continuations; then distilled further with 4-bit (g64) linears and a 2-bit
+               (g64) embedding fake-quantised, and snapped onto that grid (v1: float16-rounded instead).
  6. eval       held-out perplexity (base float, base 2-bit QAT, base 2-bit PTQ of the float weights, draft) and
                draft/base top-1 agreement -> benchmarks/results/demo_family.{json,md}.
- 7. export     toolkit layout in work/assets/: base-model.pt, draft-model.pt (tamm names, torch zip, tied
+ 7. export     toolkit layout in work/<family>/assets/: base-model.pt, draft-model.pt (tamm names, torch zip, tied
                embedding storage, kv-quantizer buffers), tokenizer.model, tokenizer-config.json.
  8. convert    afm_mlx.converters.convert (the `afm-mlx convert` path, `auto` recipe) -> afm_mlx/demo_model/.
 """
@@ -58,7 +60,8 @@ CHAT_FRACTION = 0.25  # rows of each batch that are chat-template samples
 # 192) so that it trains in the time on the shared 2-core CPU, and a draft with 1/4 of the layers and <= 10% of
 # the base's stored bytes, which at an 8192-token vocabulary forces it narrow: hidden 64, 4-bit g64 linears and a
 # 2-bit g64 embedding (~200 KB; at 4 bits the embedding alone would take the whole ~350 KB budget).
-# Schedules sized for about 90 min on the 2-core machine shared with other jobs (~300-500 training tokens/s).
+# Schedules sized for about 90 min on the 2-core machine shared with other jobs (measured: ~500 base training
+# tokens/s at nice 5 under a load of ~9).
 # v1 (issue #8): the first family, 6-layer base + float16 4-layer draft, kept reproducible with --family v1.
 FAMILIES = {
     "v2": {
@@ -68,11 +71,11 @@ FAMILIES = {
                            num_kv_heads=1, hidden_dim_scale_factor=4.0),
         "base_schedule": train.Schedule(steps=320, lr=3e-3, warmup=30),
         "qat_schedule": train.Schedule(steps=90, lr=6e-4, warmup=10, final_lr_fraction=0.05),
-        "draft_schedule": train.Schedule(steps=240, lr=4e-3, warmup=20),
-        "draft_qat_schedule": train.Schedule(steps=80, lr=1e-3, warmup=10, final_lr_fraction=0.05),
+        "draft_schedule": train.Schedule(steps=160, lr=4e-3, warmup=15),
+        "draft_qat_schedule": train.Schedule(steps=60, lr=1e-3, warmup=5, final_lr_fraction=0.05),
         # g64: the draft's widths (64, 256) are multiples of 64, not all of 128
         "draft_quant": {"bits": 4, "group_size": 64, "embed_bits": 2, "embed_group_size": 64},
-        "continuations": {"count": 160, "prompt_len": 32, "new_tokens": 64},
+        "continuations": {"count": 128, "prompt_len": 32, "new_tokens": 64},
     },
     "v1": {
         "base": AFMConfig(vocab_size=8192, hidden_dim=256, num_layers=6, num_kv_reuse_layers=2, num_heads=4,
