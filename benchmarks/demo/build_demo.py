@@ -60,8 +60,8 @@ CHAT_FRACTION = 0.25  # rows of each batch that are chat-template samples
 # 192) so that it trains in the time on the shared 2-core CPU, and a draft with 1/4 of the layers and <= 10% of
 # the base's stored bytes, which at an 8192-token vocabulary forces it narrow: hidden 64, 4-bit g64 linears and a
 # 2-bit g64 embedding (~200 KB; at 4 bits the embedding alone would take the whole ~350 KB budget).
-# Schedules sized for about 90 min on the 2-core machine shared with other jobs (measured: ~500 base training
-# tokens/s at nice 5 under a load of ~9).
+# Schedules sized for about 90 min on the 2-core machine shared with other jobs (measured: 500-950 base training
+# tokens/s at nice 5 under a load of 6-9).
 # v1 (issue #8): the first family, 6-layer base + float16 4-layer draft, kept reproducible with --family v1.
 FAMILIES = {
     "v2": {
@@ -71,11 +71,11 @@ FAMILIES = {
                            num_kv_heads=1, hidden_dim_scale_factor=4.0),
         "base_schedule": train.Schedule(steps=320, lr=3e-3, warmup=30),
         "qat_schedule": train.Schedule(steps=90, lr=6e-4, warmup=10, final_lr_fraction=0.05),
-        "draft_schedule": train.Schedule(steps=160, lr=4e-3, warmup=15),
-        "draft_qat_schedule": train.Schedule(steps=60, lr=1e-3, warmup=5, final_lr_fraction=0.05),
+        "draft_schedule": train.Schedule(steps=300, lr=4e-3, warmup=20),
+        "draft_qat_schedule": train.Schedule(steps=100, lr=1e-3, warmup=10, final_lr_fraction=0.05),
         # g64: the draft's widths (64, 256) are multiples of 64, not all of 128
         "draft_quant": {"bits": 4, "group_size": 64, "embed_bits": 2, "embed_group_size": 64},
-        "continuations": {"count": 128, "prompt_len": 32, "new_tokens": 64},
+        "continuations": {"count": 192, "prompt_len": 32, "new_tokens": 64},
     },
     "v1": {
         "base": AFMConfig(vocab_size=8192, hidden_dim=256, num_layers=6, num_kv_reuse_layers=2, num_heads=4,
