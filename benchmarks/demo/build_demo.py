@@ -59,7 +59,7 @@ CHAT_FRACTION = 0.25  # rows of each batch that are chat-template samples
 # v2 (issue #15): AFM's proportions -- 16 layers, 10 regular + 6 KV-reuse (AFM's ~5:3) -- narrower than v1 (hidden
 # 192) so that it trains in the time on the shared 2-core CPU, and a draft with 1/4 of the layers and <= 10% of
 # the base's stored bytes, which at an 8192-token vocabulary forces it narrow: hidden 64, 4-bit g64 linears and a
-# 2-bit g64 embedding (~200 KB; at 4 bits the embedding alone would take the whole ~350 KB budget).
+# 2-bit g64 embedding (~200 KB; at 4 bits the embedding alone would take 330 KB of the ~430 KB budget).
 # Schedules sized for about 90 min on the 2-core machine shared with other jobs (measured: 500-950 base training
 # tokens/s at nice 5 under a load of 6-9).
 # v1 (issue #8): the first family, 6-layer base + float16 4-layer draft, kept reproducible with --family v1.
