@@ -68,3 +68,45 @@ def test_load_attaches_the_draft_by_default_as_the_cli_does():
     model, _ = afm_mlx.load()
     assert model.draft is not None and model.draft.args.vocab_size == model.args.vocab_size
     assert afm_mlx.load(draft=False)[0].draft is None
+
+
+# ---- family v2 (issue #15): AFM's proportions. It missed the perplexity bar, so v1 stays embedded and v2 is
+# built into benchmarks/demo/work/v2/demo_model by `build_demo.py --family v2`; these tests run where it exists.
+
+V2 = Path(__file__).resolve().parent.parent / "benchmarks" / "demo" / "work" / "v2" / "demo_model"
+needs_v2 = pytest.mark.skipif(not (V2 / "draft" / "config.json").exists(), reason="demo family v2 not built here")
+
+
+def weight_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def family_v2():
+    return afm_mlx.load(V2, draft=True)
+
+
+@needs_v2
+def test_v2_has_afm_proportions_and_a_quantized_draft():
+    """>= 16 layers with regular : KV-reuse at AFM's ~5:3, 2-bit base; a QAT draft of <= 4 bits with <= 1/4 of the
+    base's layers and <= 10% of its weight bytes; every tensor on an exact grid; <= 30 MB in all."""
+    base = json.loads((V2 / "config.json").read_text())
+    draft = json.loads((V2 / "draft" / "config.json").read_text())
+    regular = base["num_layers"] - base["num_kv_reuse_layers"]
+    assert base["num_layers"] >= 16 and regular / base["num_kv_reuse_layers"] == pytest.approx(5 / 3, rel=0.1)
+    assert base["quantization"]["bits"] == 2 and base["quantization"]["model.embedding"] == {"group_size": 32, "bits": 4}
+    assert draft["num_layers"] * 4 <= base["num_layers"] and draft["quantization"]["bits"] <= 4
+    assert weight_bytes(V2 / "draft") <= 0.10 * weight_bytes(V2)
+    report = json.loads((V2 / "conversion_report.json").read_text())
+    assert report["base"]["tensors_lossy"] == 0 and report["draft"]["tensors_lossy"] == 0
+    assert sum(f.stat().st_size for f in V2.rglob("*") if f.is_file()) <= 30e6
+
+
+@needs_v2
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+@pytest.mark.parametrize("prompt,raw", PROMPTS)
+def test_v2_speculative_greedy_equals_plain_greedy(family_v2, prompt, raw, k):
+    model, tok = family_v2
+    plain = afm_mlx.generate(model, tok, prompt, raw=raw, max_tokens=32, temperature=0.0, draft_model=False)
+    spec = afm_mlx.generate(model, tok, prompt, raw=raw, max_tokens=32, temperature=0.0, num_draft_tokens=k)
+    assert spec.tokens == plain.tokens and spec.text == plain.text

@@ -6,6 +6,8 @@ torch is a dev-only dependency; without it these tests are skipped (the runtime 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -23,6 +25,10 @@ TINY_BASE = AFMConfig(vocab_size=64, hidden_dim=128, num_layers=3, num_kv_reuse_
                       num_kv_heads=1, hidden_dim_scale_factor=2.0, lora_rank=4, lora_alpha=2.0)
 TINY_DRAFT = AFMConfig(vocab_size=64, hidden_dim=64, num_layers=2, num_kv_reuse_layers=0, num_heads=4,
                        num_kv_heads=2, hidden_dim_scale_factor=3.0)
+TINY_BASE_V2 = AFMConfig(vocab_size=400, hidden_dim=192, num_layers=3, num_kv_reuse_layers=1, num_heads=3,
+                         num_kv_heads=1, hidden_dim_scale_factor=4.0, lora_rank=4, lora_alpha=2.0)  # v2's widths
+TINY_DRAFT_V2 = AFMConfig(vocab_size=400, hidden_dim=64, num_layers=1, num_kv_reuse_layers=0, num_heads=2,
+                          num_kv_heads=1, hidden_dim_scale_factor=4.0)  # the v2 draft's shape at one layer
 
 
 def test_base_keys_are_the_toolkit_names():
@@ -93,7 +99,7 @@ def test_ema_observer_and_kv_fake_quant_follow_the_toolkit():
     np.testing.assert_array_equal(y.grad.numpy(), [1.0, 1.0])  # straight-through
 
 
-@pytest.mark.parametrize("bits,group", [(2, 128), (4, 32)])
+@pytest.mark.parametrize("bits,group", [(2, 128), (4, 32), (4, 64), (2, 64)])  # base linears / embedding, v2 draft
 def test_grid_snap_is_exact_idempotent_and_found_by_the_converter(bits, group):
     from afm_mlx.converters.quantize import QuantSetting, quantize_tensor
 
@@ -152,3 +158,45 @@ def test_inverse_kl_is_kl_of_draft_from_target():
     ref = np.mean(np.sum(p_d * (np.log(p_d) - np.log(p_t)), -1))
     assert float(train.inverse_kl(target, draft)) == pytest.approx(ref, rel=1e-5)
     assert math.isclose(float(train.inverse_kl(target, target)), 0.0, abs_tol=1e-6)
+
+
+def mlx_logits(directory: Path, tokens: torch.Tensor) -> np.ndarray:
+    import mlx.core as mx
+
+    import afm_mlx
+
+    model = afm_mlx.load(directory, draft=False)[0]
+    return np.array(model(mx.array(tokens.numpy()), model.make_cache()).astype(mx.float32))
+
+
+def test_v2_family_converts_exactly_and_matches_torch(tmp_path):
+    """The v2 family's path at tiny size: a hidden-192 2-bit QAT base (its 192-input projections take groups of 64,
+    the 768-input FFN output groups of 128) and a 4-bit g64 QAT draft with a 2-bit g64 embedding, exported in the
+    toolkit's layout, go through `afm-mlx convert`'s `auto` recipe onto exact grids, and the loaded MLX models
+    compute the torch models' logits."""
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    from afm_mlx.converters import convert
+
+    torch.manual_seed(0)
+    base = AFMText(TINY_BASE_V2).eval()
+    draft = AFMText(TINY_DRAFT_V2).eval()
+    afm_torch.snap_weights_to_grid(base, bits=2, group_size=128, embed_bits=4, embed_group_size=32)
+    afm_torch.snap_weights_to_grid(draft, bits=4, group_size=64, embed_bits=2, embed_group_size=64)
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for model, name in ((base, "base-model.pt"), (draft, "draft-model.pt")):
+        torch.save(model.toolkit_state_dict(), assets / name)
+    build_tiny_tokenizer(assets)
+    convert(assets, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    for part, embedding, linears in (("base", (4, 32), {(2, 64), (2, 128)}), ("draft", (2, 64), {(4, 64)})):
+        assert report[part]["tensors_lossy"] == 0
+        grids = {t["source"]: (t["bits"], t["group_size"]) for t in report[part]["tensors"] if t["storage"] == "grid"}
+        assert grids.pop("embedding.weight") == embedding and set(grids.values()) == linears
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 17, 40, 63]])
+    for model, directory in ((base, tmp_path / "out"), (draft, tmp_path / "out" / "draft")):
+        with torch.no_grad():
+            expected = model(tokens).numpy()
+        np.testing.assert_allclose(mlx_logits(directory, tokens).reshape(expected.shape), expected,
+                                   atol=2e-3, rtol=2e-3)

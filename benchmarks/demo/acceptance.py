@@ -1,6 +1,7 @@
 """Speculative acceptance and speedup of the shipped demo family on held-out prompts (MLX, this machine).
 
     python benchmarks/demo/acceptance.py   # needs benchmarks/demo/work/corpus.json (from build_demo.py), ~2 min
+    python benchmarks/demo/acceptance.py --model DIR --out benchmarks/results/demo_acceptance_v1.json  # another family
 
 Prompts: the first 12 words of the first two long (> 30 words) held-out paragraphs of each novel, continued raw
 (no chat template) for 64 tokens. For T = 0 and T = 0.7 (seeded per prompt) and k = 1..6 it sums accepted /
@@ -10,6 +11,7 @@ Writes benchmarks/results/demo_acceptance.{json,md}.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -43,8 +45,12 @@ def run(model, tok, prompts: list[str], temperature: float, k: int) -> tuple[flo
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="converted family directory with draft/ (default: the shipped one)")
+    parser.add_argument("--out", type=Path, default=OUT, help="results .json (a .md table is written beside it)")
+    args = parser.parse_args()
     prompts = held_out_prompts()
-    model, tok = afm_mlx.load(draft=True)
+    model, tok = afm_mlx.load(args.model, draft=True)
     afm_mlx.generate(model, tok, prompts[0], raw=True, max_tokens=8)  # warm-up
     rows = []
     for temperature in (0.0, 0.7):
@@ -54,10 +60,10 @@ def main() -> None:
             rows.append({"temperature": temperature, "k": k, "acceptance": round(acceptance, 3),
                          "speedup": round(tps / plain_tps, 2), "plain_tokens_per_s": round(plain_tps, 1)})
             print(rows[-1], flush=True)
-    OUT.write_text(json.dumps({"prompts": len(prompts), "max_tokens": 64, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"prompts": len(prompts), "max_tokens": 64, "rows": rows}, indent=2) + "\n")
     lines = ["| T | k | acceptance | speedup vs plain |", "|---|---|---|---|"]
     lines += [f"| {r['temperature']} | {r['k']} | {r['acceptance']:.3f} | {r['speedup']:.2f}x |" for r in rows]
-    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

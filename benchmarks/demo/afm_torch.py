@@ -409,11 +409,20 @@ def quantizable_linears(model: AFMText) -> list[QLinear]:
     return [m for m in model.modules() if isinstance(m, QLinear)]
 
 
+def fitting_group(in_dim: int, requested: int) -> int:
+    """The requested group size, or the largest smaller MLX group size (64, 32) that divides `in_dim` (hidden 192:
+    its 192-input projections cannot take groups of 128) -- the rule of the converter's `fitting_group`."""
+    for group in (g for g in (128, 64, 32) if g <= requested):
+        if in_dim % group == 0:
+            return group
+    raise ValueError(f"input size {in_dim} is not a multiple of 32")
+
+
 def set_weight_fake_quant(model: AFMText, bits: int | None, group_size: int = 128,
                           embed_bits: int | None = None, embed_group_size: int = 32) -> None:
     """Fake-quantise every linear onto a `bits` grid and the tied embedding onto `embed_bits` (None: float)."""
     for linear in quantizable_linears(model):
-        linear.quant.bits, linear.quant.group_size = bits, group_size
+        linear.quant.bits, linear.quant.group_size = bits, fitting_group(linear.weight.shape[1], group_size)
     model.embedding_quant.bits, model.embedding_quant.group_size = embed_bits, embed_group_size
 
 
@@ -421,8 +430,9 @@ def set_weight_fake_quant(model: AFMText, bits: int | None, group_size: int = 12
 def snap_weights_to_grid(model: AFMText, bits: int, group_size: int, embed_bits: int, embed_group_size: int) -> None:
     """Write the grid values into the float32 weights (then switch fake-quant off: it would be the identity)."""
     for linear in quantizable_linears(model):
-        linear.weight.copy_(affine_grid(linear.weight, bits, group_size))
-    model.embedding.weight.copy_(affine_grid(model.embedding.weight, embed_bits, embed_group_size))
+        linear.weight.copy_(affine_grid(linear.weight, bits, fitting_group(linear.weight.shape[1], group_size)))
+    model.embedding.weight.copy_(affine_grid(model.embedding.weight, embed_bits,
+                                             fitting_group(model.embedding.weight.shape[1], embed_group_size)))
     set_weight_fake_quant(model, None)
 
 
