@@ -26,7 +26,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from .adapters import list_adapters, using_adapter, using_row_adapters
+from .adapters import list_adapters, using_row_adapters
 from .cache import KVCache
 from .errors import AFMError
 from .generation import (DEFAULT_MAX_CONTEXT, PREFILL_CHUNK_SIZE, GenerationResponse, GenerationResult, Prompt,

@@ -298,12 +298,8 @@ def serve(
     from .server import ServerConfig, serve as run_server
 
     config = ServerConfig(api_key=api_key, max_tokens_cap=max_tokens, max_context=max_context)
-    try:
-        run_server(model_dir=model, adapters=adapter, host=host, port=port, max_batch=max_batch,
-                   max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, shutdown_timeout=shutdown_timeout,
-                   config=config)
-    except AFMError as err:
-        _fail(err)
+    run_server(model_dir=model, adapters=adapter, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+               prefix_cache_mb=prefix_cache_mb, shutdown_timeout=shutdown_timeout, config=config)
     # Shut down cleanly; skip the C++ static destructors, which abort on the engine thread's thread-local MLX
     # streams ("terminate called without an active exception", exit -6) after the thread has ended.
     sys.stdout.flush()
