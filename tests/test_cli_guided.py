@@ -21,7 +21,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
-    contents = {"schema.json": json.dumps(SCHEMA), "tools.json": json.dumps(TOOLS), "grammar.lark": 'start: "Yes" | "No"',
+    contents = {"schema.json": json.dumps(SCHEMA), "tools.json": json.dumps(TOOLS),
+                "grammar.lark": 'start: "Yes" | "No"',
                 "format.json": json.dumps({"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}),
                 "bad_schema.json": '{"type": "strin"}', "not_json.json": "{", "no_name.json": '[{"function": {}}]'}
     for name, text in contents.items():

@@ -10,6 +10,7 @@ from typing import Any
 from ..generation import stream_generate
 from ..guided import make_guide
 from .engines import Run, _NoStopTokenizer, timed
+from .suite import _median
 
 # A long free-text field, so greedy runs last the whole budget (the demo family loops inside the string), and a
 # few structured fields the grammar forces token by token.
@@ -59,11 +60,6 @@ def _run(model, draft, tokenizer, ids, guided: bool, k: int | None, max_tokens: 
     if spec is not None:
         run.proposed_by_position, run.accepted_by_position = spec.proposed_by_position, spec.accepted_by_position
     return run
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
 
 
 def _acceptance(runs: list[Run]) -> float | None:
