@@ -30,12 +30,12 @@ from .adapters import list_adapters, using_row_adapters
 from .cache import KVCache
 from .errors import AFMError
 from .generation import (DEFAULT_MAX_CONTEXT, PREFILL_CHUNK_SIZE, GenerationResponse, GenerationResult, Prompt,
-                         GUIDED_OPTIONS, StopStrings, _check_positive_int, _recent_window, _token_budget,
+                         GUIDED_OPTIONS, StopStrings, _check_positive_int, _token_budget,
                          interpret_guided, prompt_ids)
 from .guided import Guide, make_guide
 from .model import Model
 from .prefix_cache import PrefixCache
-from .sampling import RandomKeys, SamplingParams, apply_repetition_penalty, mask_logits, sample_token
+from .sampling import RandomKeys, SamplingParams, mask_logits, next_token, recent_window
 from .stats import GenerationStats
 
 
@@ -196,7 +196,7 @@ class Row:
         self.uid, self.request, self.params = uid, request, request.params
         self.keys = RandomKeys(request.params.seed)
         self.history = list(request.ids)
-        self.recent = _recent_window(self.history, self.params)
+        self.recent = recent_window(self.history, self.params)
         self.constraint = request.guide.constraint(tokenizer.vocab_size) if request.guide is not None else None
         self.stops, self.stop_ids = StopStrings(request.stop), tokenizer.stop_ids
         self.detokenizer = self.constraint.detokenizer() if self.constraint is not None else tokenizer.detokenizer()
@@ -216,11 +216,8 @@ class Row:
         keys in the same order, the grammar's mask first."""
         if self.constraint is not None:
             logits = mask_logits(logits, mx.array(self.constraint.allowed()[:, : logits.shape[-1]]))
-        if self.recent is not None:
-            logits = apply_repetition_penalty(logits, self.recent, self.params.repetition_penalty)
-        token, _ = sample_token(logits, self.params, None if self.params.greedy else self.keys.next())
-        if self.recent is not None:
-            self.recent = mx.concatenate([self.recent[:, 1:], token[:, None]], axis=1)
+        token, _, self.recent = next_token(logits, self.params, None if self.params.greedy else self.keys.next(),
+                                           self.recent)
         return token
 
     def feed(self, token: int, logprob: TokenLogprob | None = None) -> list[BatchResponse]:

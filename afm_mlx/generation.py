@@ -26,7 +26,7 @@ from .cache import KVCache
 from .errors import AFMError
 from .guided import make_guide
 from .model import Model
-from .sampling import RandomKeys, SamplingParams, mask_logits, next_token
+from .sampling import RandomKeys, SamplingParams, mask_logits, next_token, recent_window
 from .speculative import DraftLength, SpeculativeDecoder, rollback
 from .stats import GenerationStats, SpeculativeStats
 
@@ -154,7 +154,7 @@ def plain_decode(model: Model, cache: list[KVCache], history: list[int], params:
     """Up to `limit` tokens after history (the cache holds history[:-1]), one forward each, pipelined:
     step n+1 is queued (mx.async_eval) before token n is read on the host and handed out.
     """
-    recent = _recent_window(history, params)
+    recent = recent_window(history, params)
 
     def step(x: mx.array) -> mx.array:
         nonlocal recent
@@ -182,7 +182,7 @@ def guided_decode(model: Model, cache: list[KVCache], history: list[int], params
     needs token n, so the forward that scores position n+1 is queued first and the mask computed on the host
     while the device runs it; the matcher consumes each token before it is handed out.
     """
-    recent = _recent_window(history, params)
+    recent = recent_window(history, params)
     logits = model(mx.array([history[-1:]], dtype=mx.int32), cache, num_logits=1)[:, -1]
     mx.async_eval(logits)
     for n in range(limit):
@@ -199,14 +199,6 @@ def guided_decode(model: Model, cache: list[KVCache], history: list[int], params
         yield token
         if n % 256 == 255:
             mx.clear_cache()
-
-
-def _recent_window(history: list[int], params: SamplingParams) -> mx.array | None:
-    """The repetition-penalty window [1, C] ending with the newest token (-1 pads), or None without a penalty."""
-    if params.repetition_penalty == 1.0:
-        return None
-    size = params.repetition_context_size
-    return mx.array([[-1] * max(size - len(history), 0) + history[-size:]], dtype=mx.int32)
 
 
 def speculative_decode(decoder: SpeculativeDecoder, history: list[int], limit: int,

@@ -220,17 +220,33 @@ def apply_repetition_penalty(logits: mx.array, recent_tokens: mx.array, penalty:
     return mx.where(seen, penalised, logits)
 
 
+def recent_window(history: Sequence[int], params: SamplingParams) -> mx.array | None:
+    """The repetition-penalty window [1, C] ending with the newest token (-1 pads), or None without a penalty."""
+    if params.repetition_penalty == 1.0:
+        return None
+    size = params.repetition_context_size
+    return mx.array([[-1] * max(size - len(history), 0) + list(history[-size:])], dtype=mx.int32)
+
+
+def penalty_windows(tokens: mx.array, num_positions: int, size: int) -> mx.array:
+    """tokens [B, T] -> the last num_positions windows of `size` tokens [B, num_positions, size].
+
+    Row j ends at tokens[:, T - num_positions + j]: the context of the position after that token.
+    """
+    T = tokens.shape[1]
+    index = (T - num_positions + mx.arange(num_positions))[:, None] - (size - 1) + mx.arange(size)[None, :]
+    return tokens[:, index]
+
+
 def recent_token_windows(tokens: Sequence[int] | mx.array, num_positions: int, context_size: int) -> mx.array:
     """The penalty contexts of the last num_positions positions of tokens: int32 [num_positions, context_size].
 
     Row j holds the last context_size tokens of tokens[: len - num_positions + 1 + j], left-padded with -1. For
     plain decoding num_positions = 1; for verifying k drafted tokens, tokens ends with them and num_positions =
-    k + 1 (row j scores the position after draft token j).
+    k + 1 (row j scores the position after draft token j). penalty_windows over the tokens left-padded with -1.
     """
     tokens = tokens if isinstance(tokens, mx.array) else mx.array(list(tokens), dtype=mx.int32)
     n = tokens.shape[0]
     _check(num_positions <= n, f"need at least {num_positions} tokens, got {n}")
-    ends = n - num_positions + 1 + np.arange(num_positions)[:, None]  # exclusive end of each window
-    index = ends - context_size + np.arange(context_size)[None, :]
-    index = mx.array(index.astype(np.int32))
-    return mx.where(index >= 0, tokens[mx.maximum(index, 0)], -1).astype(mx.int32)
+    padded = mx.concatenate([mx.full((context_size - 1,), -1, dtype=mx.int32), tokens.astype(mx.int32)])
+    return penalty_windows(padded[None], num_positions, context_size)[0]

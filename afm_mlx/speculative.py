@@ -33,7 +33,7 @@ from .cache import KVCache
 from .errors import AFMError
 from .model import Model
 from .sampling import (RandomKeys, SamplingParams, apply_repetition_penalty, filtered_probs, mask_logits,
-                       next_token, sample)
+                       next_token, penalty_windows, recent_window, sample)
 
 
 # ---- one round: propose, verify, accept
@@ -101,16 +101,6 @@ def verify(model: Model, cache: list[KVCache], last: mx.array, drafts: mx.array,
     p = filtered_probs(logits, params)
     uniforms = mx.random.uniform(shape=drafts.shape, key=keys[0])
     return accept_sampled(p, q, drafts, uniforms, keys[1])
-
-
-def penalty_windows(tokens: mx.array, num_positions: int, size: int) -> mx.array:
-    """tokens [B, T] -> the last num_positions windows of `size` tokens [B, num_positions, size].
-
-    Row j ends at tokens[:, T - num_positions + j]: the context of the position after that token.
-    """
-    T = tokens.shape[1]
-    index = (T - num_positions + mx.arange(num_positions))[:, None] - (size - 1) + mx.arange(size)[None, :]
-    return tokens[:, index]
 
 
 @mx.compile
@@ -244,7 +234,7 @@ class SpeculativeDecoder:
         k, timed = self.draft_length.k, self.timer.is_timed(self.rounds)
         # Greedy draws nothing; unused keys would only lengthen the lazy key chain.
         keys = [None] * (k + 2) if self.params.greedy else self.keys.split(k + 2)
-        recent = self._recent(history)
+        recent = recent_window(history, self.params)
         pending = mx.array([history[self.draft_cache[0].offset:]], dtype=mx.int32)
         t0 = time.perf_counter()
         allowed = None
@@ -281,13 +271,6 @@ class SpeculativeDecoder:
         self.stats.record_round(k, n, n + 1)
         self.draft_length.update(k, n, self.timer.cost_ratio)
         return emitted
-
-    def _recent(self, history: list[int]) -> mx.array | None:
-        if self.params.repetition_penalty == 1.0:
-            return None
-        size = self.params.repetition_context_size
-        window = [-1] * max(size - len(history), 0) + history[-size:]
-        return mx.array([window], dtype=mx.int32)
 
 
 def rollback(cache: list[KVCache], length: int) -> None:
