@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import llguidance
 import numpy as np
 
 from .errors import AFMError
@@ -47,8 +48,6 @@ class TokenTable:
     """The AFM tokenizer as llguidance sees it: each id's bytes, the special ids, and the LLTokenizer."""
 
     def __init__(self, tokenizer):
-        import llguidance
-
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.vocab_size
         self.special = _special_ids(tokenizer)
@@ -132,7 +131,6 @@ class Guide:
     tools: list | None = None
     tool_choice: Any = None
     model_class: Any = None  # a pydantic model class given as schema=
-    warnings: list[str] = field(default_factory=list)
 
     def constraint(self, vocab_size: int) -> "GrammarConstraint":
         return GrammarConstraint(self, vocab_size)
@@ -185,8 +183,6 @@ def _json_guide(table: TokenTable, response_format: Mapping | None, schema: Any)
         schema, model_class, name = _schema_of(schema)
         response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
     schema = response_format_schema(response_format)
-    import llguidance
-
     grammar = _compile(lambda: llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
                                                                              overrides=JSON_OPTIONS), "JSON schema")
     return Guide("json", grammar, table, response_format=dict(response_format), model_class=model_class)
@@ -216,16 +212,12 @@ def _schema_of(schema: Any) -> tuple[Any, Any, str]:
 
 
 def _regex_grammar(regex: Any) -> str:
-    import llguidance
-
     if not isinstance(regex, str) or not regex:
         raise AFMError(f"regex must be a non-empty string, got {_short(regex)}")
     return _compile(lambda: llguidance.LLMatcher.grammar_from_regex(regex), "regex")
 
 
 def _lark_grammar(grammar: Any) -> str:
-    import llguidance
-
     if not isinstance(grammar, str) or not grammar.strip():
         raise AFMError("grammar must be a non-empty Lark grammar (a string)")
     return _compile(lambda: llguidance.LLMatcher.grammar_from_lark(grammar), "Lark grammar")
@@ -241,12 +233,9 @@ def _compile(build, what: str) -> str:
 def _validate(guide: Guide) -> None:
     """Check the grammar against the tokenizer; AFMError with llguidance's reason when it cannot be used, and
     for a grammar that allows no token at all (a regex that matches nothing)."""
-    import llguidance
-
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(guide.grammar, guide.table.llg)
     if is_error:
         raise AFMError(f"unsupported or invalid {_WHAT[guide.kind]}: {_one_line(messages[0])}")
-    guide.warnings = list(messages)
     if not guide.constraint(guide.table.vocab_size).can_start():
         raise AFMError(f"the {_WHAT[guide.kind]} cannot match anything")
 
@@ -271,8 +260,6 @@ def _tools_guide(table: TokenTable, tools: Any, tool_choice: Any, parallel: bool
     if choice not in ("auto", "required", "none"):
         raise AFMError(f"tool_choice must be 'auto', 'required', 'none' or {{'function': {{'name': ...}}}}, "
                        f"got {_short(choice)}")
-    import llguidance
-
     calls = {"type": "array", "minItems": 1, "items": {"anyOf": [_call_schema(f) for f in functions]},
              "x-guidance": JSON_OPTIONS, **({} if parallel else {"maxItems": 1})}
     block = f'<executable_start> {json.dumps(TOOL_BLOCK_OPEN)} %json {json.dumps(calls)} ' \
@@ -348,8 +335,6 @@ class GrammarConstraint:
     and rolled back with rejected drafts. Any token it refuses is a bug upstream: AFMError, never silence."""
 
     def __init__(self, guide: Guide, vocab_size: int):
-        import llguidance
-
         self.guide, self.table, self.vocab_size = guide, guide.table, vocab_size
         self.matcher = llguidance.LLMatcher(self.table.llg, guide.grammar, log_level=0)
         if self.matcher.is_error():
