@@ -29,6 +29,7 @@ from .model import Model
 from .sampling import RandomKeys, SamplingParams, mask_logits, next_token, recent_window
 from .speculative import DraftLength, SpeculativeDecoder, rollback
 from .stats import GenerationStats, SpeculativeStats
+from .tokenizer import EXECUTABLE_START
 
 DEFAULT_MAX_CONTEXT = 4096
 KEEP_ADAPTER = object()  # stream_generate's default: generate with whichever adapter is active
@@ -418,7 +419,7 @@ def interpret_guided(guide, text: str, generated: list[int], stats: GenerationSt
     if guide.kind != "tools":
         return GuidedOutput(parsed=guide.parse(text, generated))
     calls = guide.parse(text, generated)
-    content = text if calls is None else text[: text.find("<executable_start>")]
+    content = text if calls is None else text[: text.find(EXECUTABLE_START)]
     return GuidedOutput(tool_calls=calls, content=content)
 
 

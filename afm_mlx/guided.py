@@ -34,11 +34,12 @@ import llguidance
 import numpy as np
 
 from .errors import AFMError
+from .tokenizer import EXECUTABLE_END, EXECUTABLE_START, TURN_END, TURN_START
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 TOOL_BLOCK_OPEN = " ```function\n"  # after <executable_start>, as the template renders a call
 TOOL_BLOCK_CLOSE = "```"  # before <executable_end>
-_SPECIAL_PIECES = ("<turn_start>", "<turn_end>", "<executable_start>", "<executable_end>")
+_SPECIAL_PIECES = (TURN_START, TURN_END, EXECUTABLE_START, EXECUTABLE_END)
 
 
 # ---- the tokenizer bridge
@@ -53,7 +54,7 @@ class TokenTable:
         self.special = _special_ids(tokenizer)
         self.token_bytes = [_token_bytes(tokenizer, i, i in self.special) for i in range(self.vocab_size)]
         self.end_id, self.eos_id = tokenizer.turn_end_id, tokenizer.eos_id
-        self.executable_start_id = tokenizer.sp.piece_to_id("<executable_start>")
+        self.executable_start_id = tokenizer.sp.piece_to_id(EXECUTABLE_START)
         self.byte_ids = {b: i for i, b in enumerate(tokenizer._pieces.byte) if b is not None}
         self.llg = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapper(self)))
 
@@ -400,7 +401,7 @@ class GuidedDetokenizer:
     def __init__(self, table: TokenTable):
         self.table = table
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._markers = {table.executable_start_id, table.tokenizer.sp.piece_to_id("<executable_end>")}
+        self._markers = {table.executable_start_id, table.tokenizer.sp.piece_to_id(EXECUTABLE_END)}
 
     def add(self, token_id: int) -> str:
         if token_id in self.table.special and token_id not in self._markers:

@@ -36,6 +36,7 @@ from .errors import AFMError
 from .generation import GuidedOutput, prompt_ids
 from .guided import Guide, make_guide
 from .sampling import SamplingParams
+from .tokenizer import EXECUTABLE_START
 
 BASE_MODEL_ID = "afm"
 
@@ -509,7 +510,7 @@ def _before_block(text: str, choice: int, in_block: set[int]) -> str:
     """The part of a streamed piece that is content: nothing once a choice's tool-call block has begun."""
     if choice in in_block:
         return ""
-    at = text.find("<executable_start>")
+    at = text.find(EXECUTABLE_START)
     if at < 0:
         return text
     in_block.add(choice)
