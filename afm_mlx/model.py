@@ -181,20 +181,22 @@ class RopeTable:
 
 class Span:
     """Where one forward's L new rows sit: positions offset..offset+L-1, their RoPE rows [L, D] and the attention
-    masks they need. offset is an int, or inside the compiled step (afm_mlx.step) an array, with `padded` set:
-    attention then reads whole cache buffers under a mask, so no shape depends on the position."""
+    masks they need. offset is an int, or an array with `padded` set: inside the compiled step (afm_mlx.step) the
+    position [1], in a batch whose rows sit at their own positions (afm_mlx.batch) each row's [B], with RoPE rows
+    [B, 1, L, D]. Padded, attention reads whole cache buffers under a (per-row) mask, so no shape depends on the
+    position."""
 
     def __init__(self, offset: int | mx.array, cos: mx.array, sin: mx.array, padded: bool = False):
         self.offset, self.cos, self.sin, self.padded = offset, cos, sin, padded
-        self.end = offset + cos.shape[0]  # the K/V length after this forward
+        self.end = offset + cos.shape[-2]  # the K/V length after this forward
         self._masks: dict = {}
 
     def rope(self, x: mx.array) -> mx.array:
         """RoPE of x [B, heads, rows, D], the span's last `rows` rows (reuse layers may keep only the last few)."""
         rows = x.shape[2]
-        if rows == self.cos.shape[0]:
+        if rows == self.cos.shape[-2]:
             return rope(x, self.cos, self.sin)
-        return rope(x, self.cos[-rows:], self.sin[-rows:])
+        return rope(x, self.cos[..., -rows:, :], self.sin[..., -rows:, :])
 
     def mask(self, rows: int, size: int, dtype: mx.Dtype, groups: int = 1) -> mx.array:
         """padded_causal_mask for the last `rows` rows over `size` slots, built once per forward."""
@@ -202,22 +204,6 @@ class Span:
         if key not in self._masks:
             self._masks[key] = padded_causal_mask(rows, self.end, size, dtype, groups)
         return self._masks[key]
-
-
-class RowSpan(Span):
-    """A batch whose rows sit at their own positions (afm_mlx.batch): offset int32 [B], RoPE rows [B, 1, L, D],
-    and attention over the whole buffers under a per-row causal mask (padded)."""
-
-    def __init__(self, offset: mx.array, cos: mx.array, sin: mx.array):
-        self.offset, self.cos, self.sin, self.padded = offset, cos, sin, True
-        self.end = offset + cos.shape[2]
-        self._masks = {}
-
-    def rope(self, x: mx.array) -> mx.array:
-        rows = x.shape[2]
-        if rows == self.cos.shape[2]:
-            return rope(x, self.cos, self.sin)
-        return rope(x, self.cos[:, :, -rows:], self.sin[:, :, -rows:])
 
 
 class Attention(nn.Module):
@@ -375,7 +361,7 @@ class Model(nn.Module):
 
     def span(self, offset: int | mx.array, length: int) -> Span:
         if isinstance(offset, mx.array):  # a batch whose rows sit at their own positions (afm_mlx.batch)
-            return RowSpan(offset, *self.rope_table.rows_at(offset, length))
+            return Span(offset, *self.rope_table.rows_at(offset, length), padded=True)
         return Span(offset, *self.rope_table.rows(offset, length))
 
     def prefill(self, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> None:
