@@ -80,15 +80,18 @@ class AfmEngine:
     def __init__(self, model: Model, draft: Model | None, vocab_size: int):
         self.model, self.draft, self.tokenizer = model, draft, _NoStopTokenizer(vocab_size)
 
-    def run(self, prompt: list[int], max_tokens: int, temperature: float, k: int | None, seed: int) -> Run:
+    def run(self, prompt: list[int], max_tokens: int, temperature: float, k: int | None, seed: int,
+            tokenizer=None, **options) -> Run:
+        """One timed generation; tokenizer (default: no stop ids, the whole budget) and options (e.g. schema=)
+        go to stream_generate."""
         from ..generation import stream_generate
 
         stats: list = []
 
         def batches():
-            for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens,
+            for response in stream_generate(self.model, tokenizer or self.tokenizer, prompt, max_tokens=max_tokens,
                                             temperature=temperature, seed=seed, num_draft_tokens=k or 1,
-                                            draft_model=self.draft if k else False, max_context=1 << 30):
+                                            draft_model=self.draft if k else False, max_context=1 << 30, **options):
                 if response.stats is not None:
                     stats.append(response.stats)
                 yield response.tokens

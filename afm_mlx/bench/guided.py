@@ -7,9 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..generation import stream_generate
 from ..guided import make_guide
-from .engines import Run, _NoStopTokenizer, timed
+from .engines import AfmEngine, Run
 from .suite import _median
 
 # A long free-text field, so greedy runs last the whole budget (the demo family loops inside the string), and a
@@ -43,23 +42,10 @@ def bench_guided(model, draft, tokenizer, config, tick) -> dict[str, Any]:
 
 def _run(model, draft, tokenizer, ids, guided: bool, k: int | None, max_tokens: int, seed: int) -> Run:
     """One greedy generation of `ids`: free (no stop ids, the whole budget) or under SCHEMA."""
-    stats = []
-    options = dict(schema=SCHEMA) if guided else {}
-
-    def batches():
-        for response in stream_generate(model, tokenizer if guided else _NoStopTokenizer(tokenizer.vocab_size),
-                                        ids, max_tokens=max_tokens, seed=seed, num_draft_tokens=k or 1,
-                                        draft_model=draft if k else False, **options):
-            if response.stats is not None:
-                stats.append(response.stats)
-            yield response.tokens
-
-    tokens, ttft, decode = timed(batches())
-    run = Run(len(ids), tokens, ttft, decode, 0)
-    spec = stats[-1].speculative if stats else None
-    if spec is not None:
-        run.proposed_by_position, run.accepted_by_position = spec.proposed_by_position, spec.accepted_by_position
-    return run
+    engine = AfmEngine(model, draft, tokenizer.vocab_size)
+    if guided:
+        return engine.run(ids, max_tokens, 0.0, k, seed, tokenizer=tokenizer, schema=SCHEMA)
+    return engine.run(ids, max_tokens, 0.0, k, seed)
 
 
 def _acceptance(runs: list[Run]) -> float | None:
