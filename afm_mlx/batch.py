@@ -27,16 +27,18 @@ from typing import Sequence
 import mlx.core as mx
 
 from .adapters import list_adapters, using_row_adapters
+from .batch_speculative import BatchDrafter, speculative_round
 from .cache import KVCache
 from .errors import AFMError
 from .generation import (DEFAULT_MAX_CONTEXT, PREFILL_CHUNK_SIZE, GenerationResponse, GenerationResult, Prompt,
                          GUIDED_OPTIONS, StopStrings, _check_positive_int, _token_budget,
-                         interpret_guided, prompt_ids)
+                         interpret_guided, prompt_ids, resolve_draft)
 from .guided import Guide, make_guide
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling import RandomKeys, SamplingParams, mask_logits, next_token, recent_window
-from .stats import GenerationStats
+from .speculative import DraftLength
+from .stats import GenerationStats, SpeculativeStats
 
 
 PREFILL_WIDTH_STEP = 32  # joining rows prefill as [n, multiple of this]: fewer shapes for mx.compile to trace
@@ -113,6 +115,10 @@ class BatchKVCache:
         """Forget the last counts[b] positions of each row (per-row speculative rollback; slots stay, masked)."""
         self._set_lengths([n - min(max(c, 0), n) for n, c in zip(self.lengths, counts)])
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
     def _reserve(self, needed: int) -> None:
         if needed > self.keys.shape[2]:
             size = _round_up(needed, self.step)
@@ -132,10 +138,6 @@ def _offsets(lengths: tuple[int, ...]) -> mx.array:
     if _last_offsets[0] != lengths:
         _last_offsets = (lengths, mx.array(lengths, dtype=mx.int32))
     return _last_offsets[1]
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 def _round_up(n: int, step: int) -> int:
@@ -173,6 +175,7 @@ class BatchRequest:
     max_context: int = DEFAULT_MAX_CONTEXT
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
     guide: Guide | None = None  # afm_mlx.guided: every token drawn inside its grammar (the ids already render it)
+    num_draft_tokens: int = 0  # k > 0: speculative rounds with the batch's draft (afm_mlx.batch_speculative)
 
 
 @dataclass
@@ -202,7 +205,10 @@ class Row:
         self.detokenizer = self.constraint.detokenizer() if self.constraint is not None else tokenizer.detokenizer()
         self.text: list[str] = []  # a guided row's text, to say what it means at the end
         self.limit, self.limit_reason = limit, limit_reason
+        self.k = min(request.num_draft_tokens, limit)  # proposals past the budget would be thrown away
         self.stats = GenerationStats(prompt_tokens=len(request.ids), seed=self.keys.seed)
+        if self.k:
+            self.stats.speculative = SpeculativeStats(self.k)
         self.start = time.perf_counter()
         self.finished = False
 
@@ -273,13 +279,16 @@ class BatchGenerator:
     """
 
     def __init__(self, model: Model, tokenizer, *, max_batch: int = 32, prefill_batch: int = 8,
-                 prefill_chunk_size: int = PREFILL_CHUNK_SIZE, prefix_cache: PrefixCache | None = None):
+                 prefill_chunk_size: int = PREFILL_CHUNK_SIZE, prefix_cache: PrefixCache | None = None,
+                 draft: Model | None = None):
         _check_positive_int("max_batch", max_batch)
         _check_positive_int("prefill_batch", prefill_batch)
         self.model, self.tokenizer, self.max_batch, self.prefill_batch = model, tokenizer, max_batch, prefill_batch
         self.prefill_chunk_size, self.prefix_cache = prefill_chunk_size, prefix_cache
         self.cache = [BatchKVCache() for _ in model.model.layers]
         self.template = kv_template(model)
+        # the draft for rows that ask for speculative rounds (BatchRequest.num_draft_tokens > 0)
+        self.drafter = BatchDrafter(draft, BatchKVCache, kv_template(draft)) if draft is not None else None
         self.rows: list[Row] = []  # batch order: row b of the caches and of the in-flight tokens
         self.waiting: deque[Row] = deque()
         self.in_flight: tuple[mx.array, mx.array | None] | None = None  # (tokens [B], logprobs) of the last step
@@ -299,7 +308,17 @@ class BatchGenerator:
         loaded = list_adapters(self.model)
         if request.adapter is not None and request.adapter not in loaded:
             raise AFMError(f"no adapter named {request.adapter!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
+        if request.num_draft_tokens:
+            self._check_speculative(request)
         return _token_budget(len(request.ids), request.max_tokens, request.max_context)
+
+    def _check_speculative(self, request: BatchRequest) -> None:
+        DraftLength(request.num_draft_tokens)  # an integer in 1..MAX_DRAFT_TOKENS
+        if self.drafter is None:
+            raise AFMError("num_draft_tokens needs a draft model: this batch was made without one")
+        if request.guide is not None:
+            raise AFMError("a guided request decodes without the draft in a batch (num_draft_tokens must be 0); "
+                           "afm_mlx.generate speculates under a grammar")
 
     def submit(self, request: BatchRequest) -> int:
         """Queue a request (checked first, see `check`); returns its id."""
@@ -330,6 +349,10 @@ class BatchGenerator:
         if not self.rows:
             self.in_flight = None
             return self._read(previous, previous_rows) if previous is not None else []
+        if self.drafter is not None and any(row.k for row in self.rows):
+            events = self._read(previous, previous_rows) if previous is not None else []
+            self.in_flight = None
+            return events + self._speculative_round()
         logits = self._forward(joined)
         if any(row.constraint is not None for row in self.rows):
             mx.async_eval(logits)
@@ -345,6 +368,8 @@ class BatchGenerator:
             return
         for c in self.cache:
             c.keep_rows(keep)
+        if self.drafter is not None:
+            self.drafter.keep_rows(keep)
         if self.in_flight is not None and keep:
             index = mx.array(keep, dtype=mx.int32)
             tokens, logprobs = self.in_flight
@@ -373,13 +398,15 @@ class BatchGenerator:
         for layer, c in enumerate(batch):
             c.add_rows([caches[layer] for caches, _ in found], self.template)
         news = [row.history[reused:-1] for row, (_, reused) in zip(rows, found)]
-        width = _round_up(max(map(len, news)), PREFILL_WIDTH_STEP)
-        if width:
-            tokens = mx.array([ids + [0] * (width - len(ids)) for ids in news], dtype=mx.int32)
-            with using_row_adapters(self.model, [row.request.adapter for row in rows]):
-                self.model.prefill(tokens, batch, self.prefill_chunk_size)
-            for c in batch:
-                c.trim_rows([width - len(ids) for ids in news])
+        with using_row_adapters(self.model, [row.request.adapter for row in rows]):
+            prefill_rows(self.model, batch, news, self.prefill_chunk_size)
+        if self.drafter is not None:  # the draft's rows hold the whole prompt too (but its last id)
+            drafted = [BatchKVCache() for _ in self.drafter.cache]
+            for c in drafted:
+                c.add_rows([KVCache() for _ in rows], self.drafter.template)
+            prefill_rows(self.drafter.model, drafted, [row.history[:-1] for row in rows], self.prefill_chunk_size)
+            for c, new in zip(self.drafter.cache, drafted):
+                c.extend(new)
         for b, (row, (_, reused)) in enumerate(zip(rows, found)):
             if self.prefix_cache is not None:
                 self.prefix_cache.store(row.history[:-1], row.request.adapter,
@@ -388,6 +415,19 @@ class BatchGenerator:
             row.stats.prefill_s = time.perf_counter() - row.start
         return batch
 
+    def _speculative_round(self) -> list[tuple[int, BatchResponse]]:
+        """One speculative round for every row (afm_mlx.batch_speculative), its tokens handed out at once."""
+        with using_row_adapters(self.model, [row.request.adapter for row in self.rows]):
+            outcomes = speculative_round(self.model, self.cache, self.drafter, self.rows)
+        events = []
+        for row, (tokens, logprobs) in zip(self.rows, outcomes):
+            for i, token in enumerate(tokens):
+                if row.finished:
+                    break
+                lp = None if logprobs is None else _logprob(logprobs[i], token, row.request.top_logprobs)
+                events += [(row.uid, piece) for piece in row.feed(token, lp)]
+        return events
+
     def _lookup(self, row: Row) -> tuple[list[KVCache], int]:
         if self.prefix_cache is None:
             return self.model.make_cache(), 0
@@ -395,6 +435,8 @@ class BatchGenerator:
 
     def _forward(self, joined: list[Row]) -> mx.array:
         """One forward for every row (lazy): the next-token logits [B, V]."""
+        if self.in_flight is None:  # no step in flight (the first, or after a speculative round): every row's
+            joined = self.rows  # newest token is in its history, not yet fed
         inputs = [mx.array([row.history[-1] for row in joined], dtype=mx.int32)] if joined else []
         if self.in_flight is not None:
             inputs.insert(0, self.in_flight[0])
@@ -431,6 +473,17 @@ class BatchGenerator:
         return events
 
 
+def prefill_rows(model: Model, caches: list[BatchKVCache], news: list[list[int]], chunk_size: int) -> None:
+    """Append news[b] to row b of the caches in one forward, right-padded to a multiple of PREFILL_WIDTH_STEP
+    (causal: no valid position sees the padding, whose K/V are trimmed after)."""
+    width = _round_up(max(map(len, news)), PREFILL_WIDTH_STEP)
+    if width:
+        tokens = mx.array([ids + [0] * (width - len(ids)) for ids in news], dtype=mx.int32)
+        model.prefill(tokens, caches, chunk_size)
+        for c in caches:
+            c.trim_rows([width - len(ids) for ids in news])
+
+
 def _logprob(row: mx.array, token: int, top: int) -> TokenLogprob:
     best = mx.argsort(-row)[:top] if top else mx.array([], dtype=mx.int32)
     values = row[best].tolist() if top else []
@@ -442,18 +495,20 @@ def _logprob(row: mx.array, token: int, top: int) -> TokenLogprob:
 
 def batch_generate(model: Model, tokenizer, prompts: Sequence[Prompt], *, max_batch: int = 32,
                    system: str | None = None, raw: bool = False, options: Sequence[dict] | None = None,
-                   **shared) -> list[GenerationResult]:
+                   draft_model: Model | None | bool = None, **shared) -> list[GenerationResult]:
     """Generate for every prompt at once (continuous batching, at most max_batch rows per step).
 
     shared: options for every prompt (max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-    stop, adapter, max_context, top_logprobs, and the guided schema / response_format / regex / grammar / tools /
-    tool_choice); options: one dict per prompt overriding them. Each result equals the prompt run alone with
-    afm_mlx.generate (greedy; or sampled with a seed) without a draft.
+    stop, adapter, max_context, top_logprobs, num_draft_tokens, and the guided schema / response_format / regex /
+    grammar / tools / tool_choice); options: one dict per prompt overriding them. num_draft_tokens = k > 0 decodes
+    that prompt in speculative rounds with draft_model (None: model.draft; False: none); the default 0 decodes
+    plainly. Each result equals the prompt run alone with afm_mlx.generate (greedy; or sampled with a seed), with
+    the same draft and k (num_draft_tokens 0: draft_model=False).
     """
     per_prompt = options if options is not None else [{}] * len(prompts)
     if len(per_prompt) != len(prompts):
         raise AFMError(f"{len(prompts)} prompts but {len(per_prompt)} option dicts")
-    batch = BatchGenerator(model, tokenizer, max_batch=max_batch)
+    batch = BatchGenerator(model, tokenizer, max_batch=max_batch, draft=resolve_draft(model, draft_model))
     order = [batch.submit(make_request(tokenizer, prompt, system=system, raw=raw, **{**shared, **extra}))
              for prompt, extra in zip(prompts, per_prompt)]
     pieces: dict[int, list[BatchResponse]] = {uid: [] for uid in order}
@@ -471,7 +526,7 @@ def make_request(tokenizer, prompt: Prompt, *, system: str | None = None, raw: b
     """A BatchRequest from a prompt (as stream_generate takes it) and stream_generate-style options, the guided
     ones (schema=, response_format=, regex=, grammar=, tools=, tool_choice=, ...) included."""
     unknown = set(options) - set(SAMPLING) - set(GUIDED_OPTIONS) - {"max_tokens", "stop", "adapter", "max_context",
-                                                                     "top_logprobs"}
+                                                                     "top_logprobs", "num_draft_tokens"}
     if unknown:
         raise AFMError(f"unknown option(s): {', '.join(sorted(unknown))}")
     params = SamplingParams(**{k: options.pop(k) for k in SAMPLING if k in options})

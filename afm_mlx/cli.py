@@ -292,12 +292,17 @@ def serve(
     prefix_cache_mb: int = typer.Option(256, "--prefix-cache-mb", help="K/V of shared prompt prefixes kept (MiB)."),
     shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", help="Seconds running requests get to "
                                                                             "finish after SIGTERM."),
+    num_draft_tokens: int = typer.Option(0, "--num-draft-tokens", "-k", help="Speculative decoding in the batch: "
+                                         "k draft tokens a round for requests that do not set `num_draft_tokens` "
+                                         "(0: plain decoding; guided requests decode plainly). Pays where verifying "
+                                         "k + 1 rows costs about one step (GPUs), not on a CPU."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics) with continuous batching: concurrent requests share one decode step."""
     from .server import ServerConfig, serve as run_server
 
-    config = ServerConfig(api_key=api_key, max_tokens_cap=max_tokens, max_context=max_context)
+    config = ServerConfig(api_key=api_key, max_tokens_cap=max_tokens, max_context=max_context,
+                          num_draft_tokens=num_draft_tokens)
     run_server(model_dir=model, adapters=adapter, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                prefix_cache_mb=prefix_cache_mb, shutdown_timeout=shutdown_timeout, config=config)
     # Shut down cleanly; skip the C++ static destructors, which abort on the engine thread's thread-local MLX

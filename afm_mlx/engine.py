@@ -58,6 +58,8 @@ class Metrics:
     queue_depth: int = 0
     batch_size: int = 0
     steps: int = 0
+    draft_proposed: int = 0  # draft tokens of finished speculative requests, proposed / accepted by the base
+    draft_accepted: int = 0
     recent: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) per step, last WINDOW_S
 
     WINDOW_S = 10.0
@@ -77,12 +79,14 @@ class Metrics:
 
 class Engine:
     def __init__(self, model: Model, tokenizer, *, max_batch: int = 32, max_queue: int = 64,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, draft: Model | None = None):
         cache = PrefixCache(model, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.batch = BatchGenerator(model, tokenizer, max_batch=max_batch, prefix_cache=cache)
+        self.batch = BatchGenerator(model, tokenizer, max_batch=max_batch, prefix_cache=cache, draft=draft)
         # A lazy array can only be evaluated on the thread whose stream it was built on: materialise the
         # model's lazy constants (RoPE periods, ...) and the K/V template here, before the engine thread runs.
         mx.eval(self.batch.template, model(mx.array([[0]], dtype=mx.int32), num_logits=1))
+        if draft is not None:
+            mx.eval(self.batch.drafter.template, draft(mx.array([[0]], dtype=mx.int32), num_logits=1))
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.metrics = Metrics()
         self._commands: queue.Queue = queue.Queue()
@@ -218,6 +222,10 @@ class Engine:
                 ticket.done = True
                 self._tickets.pop(ticket.uid, None)
                 self.metrics.requests["cancelled" if piece.finish_reason == "cancelled" else "completed"] += 1
+                spec = piece.stats.speculative if piece.stats is not None else None
+                if spec is not None:
+                    self.metrics.draft_proposed += spec.proposed
+                    self.metrics.draft_accepted += spec.accepted
             _safe_call(ticket.sink, piece)
 
     def _dequeued(self) -> None:

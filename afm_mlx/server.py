@@ -49,6 +49,7 @@ class ServerConfig:
     max_context: int = 4096
     max_body_bytes: int = 1 << 20
     max_n: int = 8
+    num_draft_tokens: int = 0  # k for requests that do not say (0: plain decoding; guided requests always 0)
 
 
 class APIError(Exception):
@@ -87,6 +88,7 @@ class Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    num_draft_tokens: int | None = Field(None, ge=0, le=32)  # afm-mlx's own: k of speculative rounds (0: none)
 
 
 class Message(BaseModel):
@@ -172,11 +174,14 @@ def engine_requests(body: Sampling, ids: list[int], adapter: str | None, max_tok
                        param="max_tokens")
     if body.n > config.max_n:
         raise APIError(400, f"n is {body.n}, over this server's cap of {config.max_n}", param="n")
+    k = body.num_draft_tokens
+    if k is None:  # the server's default; a guided row decodes without the draft in the batch
+        k = config.num_draft_tokens if guide is None else 0
     requests = []
     for i in range(body.n):
         params = _params(body, None if body.seed is None else (body.seed + i) % 2**63)
         requests.append(BatchRequest(ids, params, max_tokens, body.stop, adapter, config.max_context,
-                                     top_logprobs, guide))
+                                     top_logprobs, guide, num_draft_tokens=k))
     return requests
 
 
@@ -429,6 +434,11 @@ def prometheus_text(engine: Engine) -> str:
             ("afm_queue_depth", "gauge", engine.queue_depth, "Requests waiting for a batch row."),
             ("afm_batch_size", "gauge", m.batch_size, "Rows in the last decode step."),
             ("afm_decode_steps_total", "counter", m.steps, "Batched decode steps."),
+            ("afm_draft_tokens_proposed_total", "counter", m.draft_proposed,
+             "Draft tokens proposed to finished speculative requests."),
+            ("afm_draft_tokens_accepted_total", "counter", m.draft_accepted, "Of those, accepted by the base."),
+            ("afm_speculative_acceptance", "gauge", round(m.draft_accepted / max(m.draft_proposed, 1), 4),
+             "Accepted / proposed draft tokens so far."),
             ("afm_prefix_cache_bytes", "gauge", engine.prefix_cache_bytes, "K/V bytes held for shared prefixes."),
             ("afm_active_memory_bytes", "gauge", mx.get_active_memory(), "MLX memory in use (weights included).")):
         lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}", f"{name} {value}"]
@@ -582,10 +592,12 @@ def serve(*, model_dir=None, adapters=(), host: str = "127.0.0.1", port: int = 8
 
     config = config or ServerConfig()
     _check_serve_options(port, max_queue, prefix_cache_mb, shutdown_timeout, config)
-    model, tokenizer = load_for_generation(model_dir, None, True, adapters)
+    model, tokenizer = load_for_generation(model_dir, None, False, adapters)
+    if config.num_draft_tokens and getattr(model, "draft", None) is None:
+        raise AFMError("--num-draft-tokens needs a draft model: MODEL/draft is missing")
     set_active_adapter(model, None)  # each request names its adapter
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    prefix_cache_bytes=prefix_cache_mb << 20).start()
+                    prefix_cache_bytes=prefix_cache_mb << 20, draft=getattr(model, "draft", None)).start()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=max(int(shutdown_timeout), 1)))
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught once it has shut down
@@ -607,6 +619,8 @@ def _check_serve_options(port: int, max_queue: int, prefix_cache_mb: int, shutdo
               (shutdown_timeout > 0, f"--shutdown-timeout must be > 0, got {shutdown_timeout}"),
               (config.max_tokens_cap >= 1, f"--max-tokens must be >= 1, got {config.max_tokens_cap}"),
               (config.max_context >= 2, f"--max-context must be >= 2, got {config.max_context}"),
+              (0 <= config.num_draft_tokens <= 32, f"--num-draft-tokens must be in [0, 32], got "
+                                                   f"{config.num_draft_tokens}"),
               (config.api_key is None or config.api_key.strip() != "", "--api-key must not be empty")]
     for ok, message in checks:
         if not ok:

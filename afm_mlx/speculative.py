@@ -91,8 +91,16 @@ def verify(model: Model, cache: list[KVCache], last: mx.array, drafts: mx.array,
     base distribution, as q is the masked draft's, so the output follows the masked base exactly.
     Returns (num_accepted [B] int32, tokens [B, k+1]): a row emits tokens[:num_accepted + 1].
     """
+    logits = model(mx.concatenate([last, drafts], axis=1), cache, num_logits=drafts.shape[1] + 1)
+    return accept(logits, drafts, q, params, keys, recent, allowed)
+
+
+def accept(logits: mx.array, drafts: mx.array, q: mx.array | None, params: SamplingParams, keys: mx.array,
+           recent: mx.array | None = None, allowed: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """The acceptance rule on the base's logits [B, k+1, V] for [last, drafts] (see verify; q unused when
+    greedy). The batch engine calls it on one row's slice of a batched verify forward."""
     k = drafts.shape[1]
-    logits = mask_logits(model(mx.concatenate([last, drafts], axis=1), cache, num_logits=k + 1), allowed)
+    logits = mask_logits(logits, allowed)
     if recent is not None:
         windows = penalty_windows(mx.concatenate([recent, drafts], axis=1), k + 1, recent.shape[1])
         logits = apply_repetition_penalty(logits, windows, params.repetition_penalty)

@@ -155,6 +155,22 @@ def test_bad_requests_are_400s_in_openai_shape(server, call, error, match):
     assert info.value.status_code == 400 and "Traceback" not in info.value.response.text
 
 
+def test_speculative_requests_equal_generate_alone_and_report_acceptance(server, reference):
+    client = server.client()
+    before = server.metric("afm_draft_tokens_proposed_total")
+    reply = client.chat.completions.create(model="afm", messages=MESSAGES, temperature=0, max_tokens=12,
+                                           extra_body={"num_draft_tokens": 3})
+    assert reply.choices[0].message.content == reference(MESSAGES, 12)
+    assert server.metric("afm_draft_tokens_proposed_total") > before
+    assert 0 < server.metric("afm_speculative_acceptance") <= 1
+    with pytest.raises(openai.BadRequestError, match="guided request decodes without the draft"):
+        client.chat.completions.create(model="afm", messages=MESSAGES, max_tokens=4, extra_body={
+            "num_draft_tokens": 2}, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="num_draft_tokens"):
+        client.chat.completions.create(model="afm", messages=MESSAGES, max_tokens=4,
+                                       extra_body={"num_draft_tokens": 40})
+
+
 def test_a_bad_or_missing_key_is_a_401(server):
     with pytest.raises(openai.AuthenticationError):
         server.client(key="wrong").models.list()
@@ -217,14 +233,16 @@ def test_sigterm_stops_within_the_bound_and_exits_0():
 
 
 def test_bounded_load_on_loopback(server, reference):
-    """32 concurrent streaming clients, 2 requests each, random lengths, a quarter cancelled mid-stream: every
-    completed response equals its request run alone, nothing hangs, and memory returns to its idle level."""
+    """32 concurrent streaming clients, 2 requests each, random lengths, random k (0: plain, else speculative
+    rounds with the draft in the same batch), a quarter cancelled mid-stream: every completed response equals
+    its request run alone, nothing hangs, and memory returns to its idle level."""
     prompts = ["Who is Emma?", "Tell me about Mr. Darcy.", "Hi"]
     lengths = [3, 6, 9]
     want = {(p, n): reference([{"role": "user", "content": p}], n) for p in prompts for n in lengths}
     idle = server.metric("afm_active_memory_bytes") - server.metric("afm_prefix_cache_bytes")
     rng = random.Random(0)
-    jobs = [[(rng.choice(prompts), rng.choice(lengths), rng.random() < 0.25) for _ in range(2)] for _ in range(32)]
+    jobs = [[(rng.choice(prompts), rng.choice(lengths), rng.random() < 0.25, rng.choice([0, 0, 2, 4]))
+             for _ in range(2)] for _ in range(32)]
     results = asyncio.run(asyncio.wait_for(_load(server, jobs), timeout=120))
     done = [(job, text) for job, text in results if not job[2]]
     assert len(done) == sum(1 for client in jobs for job in client if not job[2])
@@ -238,16 +256,17 @@ async def _load(server, jobs):
 
     async def one_client(requests):
         out = []
-        for prompt, n, cancel in requests:
+        for prompt, n, cancel, k in requests:
             stream = await client.chat.completions.create(model="afm", temperature=0, max_tokens=n, stream=True,
-                                                          messages=[{"role": "user", "content": prompt}])
+                                                          messages=[{"role": "user", "content": prompt}],
+                                                          extra_body={"num_draft_tokens": k})
             text = ""
             async for chunk in stream:
                 text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
                 if cancel:
                     await stream.close()
                     break
-            out.append(((prompt, n, cancel), text))
+            out.append(((prompt, n, cancel, k), text))
         return out
 
     try:
@@ -259,6 +278,7 @@ async def _load(server, jobs):
 @pytest.mark.parametrize("args, match", [
     (["--port", "70000"], "--port must be in"),
     (["--max-queue", "0"], "--max-queue must be >= 1"),
+    (["--num-draft-tokens", "40"], "--num-draft-tokens must be in [0, 32]"),
     (["--model", "/nonexistent/model"], "model directory not found"),
     (["--adapter", "mail=/nonexistent.pt"], "nonexistent"),
 ])
