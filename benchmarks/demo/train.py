@@ -1,12 +1,15 @@
 """Training loops for the demo family: base pre-training, 2-bit QAT, draft distillation, and evaluation.
 
-Precision follows the toolkit's default `bf16-mixed`: float32 parameters and optimizer state, bf16 autocast
-for the matmuls (RMSNorm and the KV fake-quant compute in float32). Evaluation runs in float32, eval mode (so the
+Precision follows the toolkit's default `bf16-mixed` where the CPU computes bfloat16 natively: float32 parameters
+and optimizer state, bf16 autocast for the matmuls (RMSNorm and the KV fake-quant compute in float32). On a CPU
+without native bf16 (AVX512-BF16 / AMX) torch emulates it ~14x slower than float32 (measured on an AVX2 EPYC), so
+build_demo's `--precision auto` trains in float32 there and says so; `MIXED_BF16` holds the choice. Evaluation runs in float32, eval mode (so the
 KV observers are frozen and the stored ranges are used, as at inference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from afm_torch import AFMText
+
+
+MIXED_BF16 = True  # bf16 autocast for the matmuls (the toolkit's bf16-mixed); False: float32 throughout
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (otherwise torch emulates them, far slower)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16) if MIXED_BF16 else contextlib.nullcontext()
 
 
 @dataclass
@@ -112,7 +127,7 @@ def run_steps(model: AFMText, sched: Schedule, loss_fn: Callable[[int], torch.Te
     for step in range(sched.steps):
         for group in opt.param_groups:
             group["lr"] = sched.lr_at(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             loss = loss_fn(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], sched.grad_clip)
@@ -183,7 +198,7 @@ def sample_continuations(model: AFMText, prompts: torch.Tensor, new_tokens: int,
     """Autoregressive continuation without a cache (the model is small): prompts [B, P] -> [B, P + new]."""
     seq = prompts
     for _ in range(new_tokens):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             logits = model(seq)[:, -1].float()
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
