@@ -160,16 +160,25 @@ def stop_server(proc: subprocess.Popen) -> int:
 # ---- adapters in one batch
 
 
-def engine_tps(model, tokenizer, rows: int, adapters: list[str | None], max_tokens: int) -> float:
-    """The batch engine's tokens/s with `rows` rows, row i using adapters[i % len(adapters)]."""
-    batch = BatchGenerator(model, tokenizer, max_batch=rows)
+def engine_tps(model, tokenizer, rows: int, adapters: list[str | None], max_tokens: int,
+               num_draft_tokens: int = 0, stats: list | None = None) -> float:
+    """The batch engine's tokens/s with `rows` rows, row i using adapters[i % len(adapters)]; with
+    num_draft_tokens > 0 every row decodes in speculative rounds with model.draft (its rows' final stats are
+    appended to `stats`)."""
+    draft = model.draft if num_draft_tokens else None
+    batch = BatchGenerator(model, tokenizer, max_batch=rows, draft=draft)
     for i in range(rows):
         batch.submit(make_request(tokenizer, PROMPTS[i % len(PROMPTS)], raw=True, max_tokens=max_tokens,
-                                  adapter=adapters[i % len(adapters)]))
-    batch.step()  # admission (prefill) is not decode throughput
-    start, tokens = time.perf_counter(), 0
+                                  adapter=adapters[i % len(adapters)], num_draft_tokens=num_draft_tokens))
+    start, tokens = None, 0
     while batch.busy:
-        tokens += sum(len(piece.tokens) for _, piece in batch.step())
+        pieces = batch.step()
+        if start is None:  # the first step admits (prefills) the rows: not decode throughput
+            start = time.perf_counter()
+            continue
+        tokens += sum(len(piece.tokens) for _, piece in pieces)
+        if stats is not None:
+            stats += [piece.stats for _, piece in pieces if piece.stats is not None]
     return tokens / (time.perf_counter() - start)
 
 
