@@ -16,6 +16,10 @@
 #      verify forwards, proposals set to the base's own greedy tokens with probability alpha) and its cost model
 #      (draft step, verify by rows, decode step), adapter, 2 trials; if it fails,
 #      benchmarks/probe/full_prefill_probe.py names the failing op.
+#   3. opt-in (not in the default STAGES): "batchspec", benchmarks/batch_speculative_bench.py (the batch engine at
+#      1 / 4 / 16 rows, k = 0 / 2 / 4: does speculation inside the batch pay where verify rows are nearly free?),
+#      and "serve", benchmarks/serve_bench.py without mlx_lm.server at 1 and 16 clients (#17's GPU goal: >= 6x
+#      single-stream aggregate at 16 clients).
 # Results: $OUT/gpu_results.tar.gz (benchmarks/results/<backend>-<device>/...: JSON, markdown, PNGs), plus the
 # two markdown tables and the log as loose files (the device tool returns at most 8 files from $OUT).
 # Unpack here with:  tar xzf gpu_results.tar.gz -C benchmarks/results && python benchmarks/run_bench.py readme
@@ -49,6 +53,8 @@ DECODE_PROBE_LIMIT=${DECODE_PROBE_LIMIT:-50}
 FULL_PROBE_LIMIT=${FULL_PROBE_LIMIT:-90}
 PROBE_LIMIT=${PROBE_LIMIT:-45}
 VERIFY_LIMIT=${VERIFY_LIMIT:-40}
+BATCHSPEC_LIMIT=${BATCHSPEC_LIMIT:-60}
+SERVE_LIMIT=${SERVE_LIMIT:-90}
 DEMO_ARGS=${DEMO_ARGS:---trials 3 --max-tokens 64 --ks 1,2,4 --temperatures 0 --time-budget 80}
 FULL_ARGS=${FULL_ARGS:---no-demo --full --trials 2 --ks 2 --time-budget 180}
 KERNEL_BENCH_ARGS=${KERNEL_BENCH_ARGS:-}  # e.g. --only attention
@@ -155,6 +161,15 @@ RESULTS=$(mktemp -d)/results
     if stage verify; then
       echo "== verify cost at growing K/V lengths, prefix vs padded attention (limit ${VERIFY_LIMIT}s)"
       timeout "$VERIFY_LIMIT" $PY benchmarks/probe/verify_probe.py --rounds 40
+    fi
+    if stage batchspec; then
+      echo "== speculative decoding inside the batch engine (limit ${BATCHSPEC_LIMIT}s)"
+      timeout "$BATCHSPEC_LIMIT" $PY benchmarks/batch_speculative_bench.py --trials 2 --out "$RESULTS/_machine_/serve"
+    fi
+    if stage serve; then
+      echo "== afm-mlx serve vs the bare batched forward at 1 and 16 clients (limit ${SERVE_LIMIT}s)"
+      timeout "$SERVE_LIMIT" $PY benchmarks/serve_bench.py --no-mlx-lm --clients 1,16 --trials 1 \
+        --out "$RESULTS/_machine_/serve"
     fi
   fi
   if stage probe-full; then
