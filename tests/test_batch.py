@@ -33,7 +33,10 @@ def demo(tmp_path_factory):
     return model, tokenizer
 
 
-def alone(model, tokenizer, prompt, **options):
+def alone(model, tokenizer, prompt, num_draft_tokens=0, **options):
+    """The request run alone with generate: with the model's draft at k = num_draft_tokens, else without one."""
+    if num_draft_tokens:
+        return afm_mlx.generate(model, tokenizer, prompt, num_draft_tokens=num_draft_tokens, **options)
     return afm_mlx.generate(model, tokenizer, prompt, draft_model=False, **options)
 
 

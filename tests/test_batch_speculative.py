@@ -12,6 +12,7 @@ from afm_mlx.batch import BatchGenerator, BatchRequest, batch_generate, make_req
 from afm_mlx.converters.torch_zip import save_checkpoint
 from afm_mlx.errors import AFMError
 from adapter_fixtures import toolkit_lora
+from test_batch import alone, assert_same_as_alone as same_tokens_as_alone
 from test_demo_model import DEMO
 
 pytestmark = pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built in this checkout")
@@ -31,22 +32,14 @@ def demo(tmp_path_factory):
     return model, tokenizer
 
 
-def alone(model, tokenizer, prompt, num_draft_tokens=0, **options):
-    if num_draft_tokens:
-        return afm_mlx.generate(model, tokenizer, prompt, num_draft_tokens=num_draft_tokens, **options)
-    return afm_mlx.generate(model, tokenizer, prompt, draft_model=False, **options)
-
-
 def assert_same_as_alone(model, tokenizer, prompts, options, **batch_options):
-    results = batch_generate(model, tokenizer, prompts, options=options, **batch_options)
+    """test_batch's check, and each speculating row's rounds as its run alone counted them."""
+    results = same_tokens_as_alone(model, tokenizer, prompts, options, **batch_options)
     for prompt, extra, got in zip(prompts, options, results):
-        want = alone(model, tokenizer, prompt, **extra)
-        assert got.tokens == want.tokens, (prompt, extra)
-        assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
         if extra.get("num_draft_tokens"):
-            spec, want_spec = got.stats.speculative, want.stats.speculative
-            assert (spec.rounds, spec.proposed, spec.accepted) == (want_spec.rounds, want_spec.proposed,
-                                                                   want_spec.accepted)
+            want = alone(model, tokenizer, prompt, **extra).stats.speculative
+            spec = got.stats.speculative
+            assert (spec.rounds, spec.proposed, spec.accepted) == (want.rounds, want.proposed, want.accepted)
         else:
             assert got.stats.speculative is None
     return results
