@@ -221,10 +221,14 @@ class Row:
         """This row's next token [1] from its logits [1, V], as plain_decode (or guided_decode) draws it: the same
         keys in the same order, the grammar's mask first."""
         if self.constraint is not None:
-            logits = mask_logits(logits, mx.array(self.constraint.allowed()[:, : logits.shape[-1]]))
+            logits = mask_logits(logits, self.allowed(logits.shape[-1]))
         token, _, self.recent = next_token(logits, self.params, None if self.params.greedy else self.keys.next(),
                                            self.recent)
         return token
+
+    def allowed(self, width: int) -> mx.array:
+        """The grammar's mask of the next token, [1, width] (bool)."""
+        return mx.array(self.constraint.allowed()[:, :width])
 
     def feed(self, token: int, logprob: TokenLogprob | None = None) -> list[BatchResponse]:
         """Take one generated token; the pieces of text it makes final (the last one closes the row)."""
@@ -316,9 +320,6 @@ class BatchGenerator:
         DraftLength(request.num_draft_tokens)  # an integer in 1..MAX_DRAFT_TOKENS
         if self.drafter is None:
             raise AFMError("num_draft_tokens needs a draft model: this batch was made without one")
-        if request.guide is not None:
-            raise AFMError("a guided request decodes without the draft in a batch (num_draft_tokens must be 0); "
-                           "afm_mlx.generate speculates under a grammar")
 
     def submit(self, request: BatchRequest) -> int:
         """Queue a request (checked first, see `check`); returns its id."""

@@ -294,7 +294,7 @@ def serve(
                                                                             "finish after SIGTERM."),
     num_draft_tokens: int = typer.Option(0, "--num-draft-tokens", "-k", help="Speculative decoding in the batch: "
                                          "k draft tokens a round for requests that do not set `num_draft_tokens` "
-                                         "(0: plain decoding; guided requests decode plainly). Pays where verifying "
+                                         "(0: plain decoding). Pays where verifying "
                                          "k + 1 rows costs about one step (GPUs), not on a CPU."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,

@@ -49,7 +49,7 @@ class ServerConfig:
     max_context: int = 4096
     max_body_bytes: int = 1 << 20
     max_n: int = 8
-    num_draft_tokens: int = 0  # k for requests that do not say (0: plain decoding; guided requests always 0)
+    num_draft_tokens: int = 0  # k for requests that do not say (0: plain decoding)
 
 
 class APIError(Exception):
@@ -174,9 +174,7 @@ def engine_requests(body: Sampling, ids: list[int], adapter: str | None, max_tok
                        param="max_tokens")
     if body.n > config.max_n:
         raise APIError(400, f"n is {body.n}, over this server's cap of {config.max_n}", param="n")
-    k = body.num_draft_tokens
-    if k is None:  # the server's default; a guided row decodes without the draft in the batch
-        k = config.num_draft_tokens if guide is None else 0
+    k = config.num_draft_tokens if body.num_draft_tokens is None else body.num_draft_tokens
     requests = []
     for i in range(body.n):
         params = _params(body, None if body.seed is None else (body.seed + i) % 2**63)
