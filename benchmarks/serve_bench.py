@@ -9,7 +9,10 @@ Per trial and client count C (interleaved, so slow phases of a shared machine hi
 - server: C concurrent streaming clients (httpx, raw SSE) against a live `afm-mlx serve` on 127.0.0.1, each
   sending --requests completions of --max-tokens tokens in turn: aggregate tokens/s over the whole run, time to
   first token and inter-token latency (p50 / p99 over all requests);
-- ratio: server / bare tokens/s at the same C (scheduling, HTTP, detokenizing and streaming cost: 1 - ratio).
+- ratio: server / bare tokens/s at the same C (scheduling, HTTP, detokenizing and streaming cost: 1 - ratio);
+- engine: the server's workload (C clients, --requests each in turn, the same prompts) through the batch engine
+  in this process, no HTTP: prompts prefilled as they join, so server / engine isolates what HTTP, SSE and the
+  engine thread cost, and engine / bare what the joining rows' prefill costs (the bare forward has none).
 Adapters: the batch engine (BatchGenerator) with --adapter-rows rows, none vs 4 different random rank-32 adapters
 spread over the rows (one per row, round robin), tokens/s per trial.
 """
@@ -157,6 +160,27 @@ def stop_server(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
+def engine_workload_tps(model, tokenizer, clients: int, requests: int, max_tokens: int) -> float:
+    """The load() workload run through a BatchGenerator directly: tokens/s from the first submit to the end."""
+    batch = BatchGenerator(model, tokenizer, max_batch=max(clients, 1))
+    owner, sent = {}, [0] * clients
+
+    def send(c: int) -> None:
+        prompt = PROMPTS[(c * requests + sent[c]) % len(PROMPTS)]
+        owner[batch.submit(make_request(tokenizer, prompt, raw=True, max_tokens=max_tokens))] = c
+        sent[c] += 1
+
+    start, tokens = time.perf_counter(), 0
+    for c in range(clients):
+        send(c)
+    while batch.busy:
+        for uid, piece in batch.step():
+            tokens += len(piece.tokens)
+            if piece.finish_reason is not None and sent[owner[uid]] < requests:
+                send(owner[uid])
+    return tokens / (time.perf_counter() - start)
+
+
 # ---- adapters in one batch
 
 
@@ -202,12 +226,13 @@ def run(opts) -> dict:
     model, tokenizer = afm_mlx.load(draft=False)
     for c in opts.clients:
         bare_tps(model, tokenizer, c, 4)  # warm-up
-    trials = {c: {"bare": [], "server": [], "mlx_lm": []} for c in opts.clients}
+    trials = {c: {"bare": [], "engine": [], "server": [], "mlx_lm": []} for c in opts.clients}
     exit_codes = []
     for _ in range(opts.trials):  # one server up at a time
         with server(afm_server(max(opts.clients)), "afm", exit_codes) as url:
             for c in opts.clients:
                 trials[c]["bare"].append(bare_tps(model, tokenizer, c, opts.max_tokens))
+                trials[c]["engine"].append(engine_workload_tps(model, tokenizer, c, opts.requests, opts.max_tokens))
                 trials[c]["server"].append(asyncio.run(load(url, c, opts.requests, opts.max_tokens)))
         if opts.mlx_lm:
             with server(mlx_lm_server(max(opts.clients)), "afm-demo", []) as url:
@@ -233,7 +258,8 @@ def server(command: list[str], model_id: str, exit_codes: list[int]):
 def summarise(clients: int, t: dict) -> dict:
     ratios = [s["tps"] / b for b, s in zip(t["bare"], t["server"])]
     server = {k: statistics.median(s[k] for s in t["server"]) for k in t["server"][0]}
-    row = {"clients": clients, "bare_tps": statistics.median(t["bare"]),
+    row = {"clients": clients, "bare_tps": statistics.median(t["bare"]), "engine_tps": statistics.median(t["engine"]),
+           "server_vs_engine": statistics.median(s["tps"] / e for e, s in zip(t["engine"], t["server"])),
            **{f"server_{k}": v for k, v in server.items()}, "ratio": statistics.median(ratios), "ratios": ratios}
     if t["mlx_lm"]:
         row.update({f"mlx_lm_{k}": statistics.median(s[k] for s in t["mlx_lm"]) for k in t["mlx_lm"][0]})
@@ -254,14 +280,16 @@ def markdown(result: dict) -> str:
              f"{o['requests']} completions of {o['max_tokens']} tokens per client, greedy, streamed; medians of "
              f"{o['trials']} trials (bare and server interleaved per client count; one server up at a time); "
              f"commit {m['commit']}, {m['cpus']} CPUs, load average {', '.join(f'{x:.1f}' for x in m['load_avg'])}.",
-             "", "| clients | bare forward tok/s | afm-mlx serve tok/s | serve / bare | TTFT p50 / p99 ms | "
-                 "ITL p50 / p99 ms | mlx_lm.server tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | serve / mlx-lm |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| clients | bare forward tok/s | engine, same workload tok/s | afm-mlx serve tok/s | serve / bare | "
+                 "serve / engine | TTFT p50 / p99 ms | ITL p50 / p99 ms | mlx_lm.server tok/s | TTFT p50 / p99 ms | "
+                 "ITL p50 / p99 ms | serve / mlx-lm |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         theirs = (f"{r['mlx_lm_tps']:.1f} | {r['mlx_lm_ttft_p50_ms']:.0f} / {r['mlx_lm_ttft_p99_ms']:.0f} | "
                   f"{r['mlx_lm_itl_p50_ms']:.0f} / {r['mlx_lm_itl_p99_ms']:.0f} | {r['vs_mlx_lm']:.2f}"
                   if "mlx_lm_tps" in r else "- | - | - | -")
-        lines.append(f"| {r['clients']} | {r['bare_tps']:.1f} | {r['server_tps']:.1f} | {r['ratio']:.2f} | "
+        lines.append(f"| {r['clients']} | {r['bare_tps']:.1f} | {r['engine_tps']:.1f} | {r['server_tps']:.1f} | "
+                     f"{r['ratio']:.2f} | {r['server_vs_engine']:.2f} | "
                      f"{r['server_ttft_p50_ms']:.0f} / {r['server_ttft_p99_ms']:.0f} | "
                      f"{r['server_itl_p50_ms']:.0f} / {r['server_itl_p99_ms']:.0f} | {theirs} |")
     a = result["adapters"]
