@@ -1,7 +1,7 @@
 """Regenerate a demo AFM family (tokenizer, base, draft) from scratch; the shipped one goes to afm_mlx/demo_model/.
 
     python benchmarks/demo/build_demo.py               # family v1, the shipped one (~31 min on the 2-core CPU)
-    python benchmarks/demo/build_demo.py --family v2   # AFM's proportions (issue #15), ~52 min -> work/v2/demo_model
+    python benchmarks/demo/build_demo.py --family v2   # AFM's proportions (issue #15), ~2.5 h -> work/v2/demo_model
     python benchmarks/demo/build_demo.py --fresh       # ignore cached stages in benchmarks/demo/work/
 
 Stages (each cached in the work dir, so an interrupted run resumes where it stopped; sizes are v2's, see FAMILIES):
