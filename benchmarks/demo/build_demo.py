@@ -408,7 +408,7 @@ def write_results(results: dict, path_json: Path) -> None:
     draft_row = (f"draft, {dq['bits']}-bit QAT (group {dq['group_size']}, emb. {dq['embed_bits']}-bit {dq['embed_group_size']}), "
                  "snapped" if dq else "draft, float16-representable weights")
     rows = [
-        ("base, float32 (bf16-mixed training)", ppl["base_float"]),
+        (f"base, float32 ({results.get('precision', 'bf16-mixed')} training)", ppl["base_float"]),
         ("base, 2-bit PTQ of the float weights (emb. 4-bit)", ppl["base_2bit_ptq"]),
         ("base, 2-bit QAT, snapped to the grid" + shipped, ppl["base_2bit_qat"]),
         (draft_row + shipped, ppl["draft"]),
