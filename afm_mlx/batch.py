@@ -7,10 +7,10 @@
         for uid, response in batch.step(): ...                    # GenerationResponse pieces, as stream_generate's
 
 Each row has its own position, sampling parameters, key stream, stop strings, token budget and adapter. Joining
-rows (up to prefill_batch per step) are prefilled together in one forward, each after its cached prompt prefix
-where one matches, then join the batch: `BatchKVCache` holds every row's K/V in one buffer [B, KV, S_alloc, D] with a length per
-row, RoPE takes the per-row positions, and attention masks each row's slots past its own length. Leaving rows
-are dropped from the buffer between steps (one gather). Decoding is pipelined as in `plain_decode`: step n + 1
+rows (up to prefill_batch per step) are prefilled together, one forward per group of similar length, each after
+its cached prompt prefix where one matches, then join the batch: `BatchKVCache` holds every row's K/V in one buffer
+[B, KV, S_alloc, D] with a length per row, RoPE takes the per-row positions, and attention masks each row's slots
+past its own length. Leaving rows are dropped from the buffer between steps (one gather). Decoding is pipelined as in `plain_decode`: step n + 1
 is queued before step n's tokens are read, so a row that just finished costs one wasted row-step.
 
 At temperature 0 a row's tokens equal the same request run alone (`tests/test_batch.py`), and at T > 0 with a
@@ -41,7 +41,9 @@ from .speculative import DraftLength
 from .stats import GenerationStats, SpeculativeStats
 
 
-PREFILL_WIDTH_STEP = 32  # joining rows prefill as [n, multiple of this]: fewer shapes for mx.compile to trace
+# joining rows prefill together while padding adds at most this fraction: on a CPU a padded position costs as much as
+# a real one, on a GPU extra rows in one forward are nearly free
+PREFILL_PADDING = 0.125
 
 # ---- the batched cache
 
@@ -379,28 +381,38 @@ class BatchGenerator:
         self.rows = [self.rows[b] for b in keep]
 
     def _admit(self) -> list[Row]:
-        """Prefill up to prefill_batch waiting rows (max_batch in all) together and add them to the batch."""
+        """Prefill up to prefill_batch waiting rows (max_batch in all) and add them to the batch; returns them in
+        their batch order (grouped by prompt length, see padding_groups)."""
         joined = []
         while (self.waiting and len(self.rows) + len(joined) < self.max_batch
                and len(joined) < self.prefill_batch):
             joined.append(self.waiting.popleft())
-        if joined:
-            for c, new in zip(self.cache, self._prefill(joined)):
-                c.extend(new)
+        joined = self._prefill(joined) if joined else []
         self.rows += joined
         return joined
 
-    def _prefill(self, rows: list[Row]) -> list[BatchKVCache]:
-        """The rows' caches holding each prompt but its last id, as PromptCache.prefill leaves them: cached
-        prefixes first, then every row's remaining ids in one forward, right-padded to the longest (causal: no
-        valid position sees the padding, whose K/V are trimmed after)."""
+    def _prefill(self, rows: list[Row]) -> list[Row]:
+        """Append the rows to the batch caches holding each prompt but its last id, as PromptCache.prefill leaves
+        them: cached prefixes first, then the remaining ids, one forward per group of rows of similar length
+        (padding_groups: padded positions cost as much as real ones). Returns the rows in their new batch order."""
         found = [self._lookup(row) for row in rows]
+        news = [row.history[reused:-1] for row, (_, reused) in zip(rows, found)]
+        order = []
+        for group in padding_groups([len(ids) for ids in news]):
+            self._prefill_group([rows[i] for i in group], [found[i] for i in group], [news[i] for i in group])
+            order += group
+        return [rows[i] for i in order]
+
+    def _prefill_group(self, rows: list[Row], found: list[tuple[list[KVCache], int]], news: list[list[int]]) -> None:
+        """One forward for the rows' remaining ids, right-padded to the longest (causal: no valid position sees
+        the padding, whose K/V are trimmed after), then the rows appended to the base (and draft) caches."""
         batch = [BatchKVCache() for _ in self.cache]
         for layer, c in enumerate(batch):
             c.add_rows([caches[layer] for caches, _ in found], self.template)
-        news = [row.history[reused:-1] for row, (_, reused) in zip(rows, found)]
         with using_row_adapters(self.model, [row.request.adapter for row in rows]):
             prefill_rows(self.model, batch, news, self.prefill_chunk_size)
+        for c, new in zip(self.cache, batch):
+            c.extend(new)
         if self.drafter is not None:  # the draft's rows hold the whole prompt too (but its last id)
             drafted = [BatchKVCache() for _ in self.drafter.cache]
             for c in drafted:
@@ -414,7 +426,6 @@ class BatchGenerator:
                                         [(c.keys[b:b + 1], c.values[b:b + 1]) for c in batch])
             row.stats.cached_prompt_tokens = reused
             row.stats.prefill_s = time.perf_counter() - row.start
-        return batch
 
     def _speculative_round(self) -> list[tuple[int, BatchResponse]]:
         """One speculative round for every row (afm_mlx.batch_speculative), its tokens handed out at once."""
@@ -474,10 +485,25 @@ class BatchGenerator:
         return events
 
 
+def padding_groups(lengths: list[int], waste: float = PREFILL_PADDING) -> list[list[int]]:
+    """Indices of `lengths` in groups to prefill together, longest first: a group's padded area (its rows times
+    its longest) stays within (1 + waste) times its real tokens, so rows of similar length share a forward and a
+    short prompt never pays for a long one's width."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else []
+        tokens = sum(lengths[j] for j in group) + lengths[i]
+        if group and (len(group) + 1) * lengths[group[0]] <= (1 + waste) * tokens:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def prefill_rows(model: Model, caches: list[BatchKVCache], news: list[list[int]], chunk_size: int) -> None:
-    """Append news[b] to row b of the caches in one forward, right-padded to a multiple of PREFILL_WIDTH_STEP
-    (causal: no valid position sees the padding, whose K/V are trimmed after)."""
-    width = _round_up(max(map(len, news)), PREFILL_WIDTH_STEP)
+    """Append news[b] to row b of the caches in one forward, right-padded to the longest (causal: no valid position
+    sees the padding, whose K/V are trimmed after)."""
+    width = max(map(len, news))
     if width:
         tokens = mx.array([ids + [0] * (width - len(ids)) for ids in news], dtype=mx.int32)
         model.prefill(tokens, caches, chunk_size)

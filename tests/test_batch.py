@@ -8,7 +8,9 @@ import pytest
 
 import afm_mlx
 from afm_mlx.adapters import load_adapter
-from afm_mlx.batch import BatchGenerator, BatchKVCache, BatchRequest, batch_generate, make_request
+import afm_mlx.batch
+from afm_mlx.batch import (PREFILL_PADDING, BatchGenerator, BatchKVCache, BatchRequest, batch_generate, make_request,
+                         padding_groups)
 from afm_mlx.cache import KVCache
 from afm_mlx.converters.torch_zip import save_checkpoint
 from afm_mlx.errors import AFMError
@@ -53,6 +55,34 @@ def test_greedy_rows_equal_their_runs_alone(demo):
     options = [dict(max_tokens=n) for n in (20, 7, 16, 12)]
     results = assert_same_as_alone(*demo, PROMPTS, options)
     assert [r.stats.generated_tokens for r in results] == [20, 7, 16, 12]
+
+
+def test_padding_groups_cover_every_row_and_bound_the_padding():
+    assert padding_groups([40, 3, 38, 41, 0, 3]) == [[3, 0, 2], [1, 5], [4]]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.integers(0, 300, size=rng.integers(1, 17)).tolist()
+        groups = padding_groups(lengths)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            longest = max(lengths[i] for i in g)
+            assert lengths[g[0]] == longest and len(g) * longest <= (1 + PREFILL_PADDING) * sum(lengths[i] for i in g)
+
+
+def test_joining_rows_of_different_lengths_prefill_apart(demo, monkeypatch):
+    # the 4-row admission splits by length (the long prompt alone): no forward pads more than PREFILL_PADDING
+    calls = []
+    prefill = afm_mlx.batch.prefill_rows
+
+    def recorded(model, caches, news, chunk_size):
+        calls.append([len(ids) for ids in news])
+        prefill(model, caches, news, chunk_size)
+
+    monkeypatch.setattr(afm_mlx.batch, "prefill_rows", recorded)
+    assert_same_as_alone(*demo, PROMPTS, [dict(max_tokens=6)] * 4)
+    assert sorted(n for call in calls for n in call) == sorted(len(demo[1].encode_prompt(p)) - 1 for p in PROMPTS)
+    assert len(calls) >= 2
+    assert all(len(call) * max(call) <= (1 + PREFILL_PADDING) * sum(call) for call in calls)
 
 
 def test_seeded_sampling_rows_equal_their_runs_alone(demo):
