@@ -10,8 +10,9 @@ Each row has its own position, sampling parameters, key stream, stop strings, to
 rows (up to prefill_batch per step) are prefilled together, one forward per group of similar length, each after
 its cached prompt prefix where one matches, then join the batch: `BatchKVCache` holds every row's K/V in one buffer
 [B, KV, S_alloc, D] with a length per row, RoPE takes the per-row positions, and attention masks each row's slots
-past its own length. Leaving rows are dropped from the buffer between steps (one gather). Decoding is pipelined as in `plain_decode`: step n + 1
-is queued before step n's tokens are read, so a row that just finished costs one wasted row-step.
+past its own length. Leaving rows are dropped from the buffer between steps (one gather). Decoding is pipelined as
+in `plain_decode`: step n + 1 is queued before step n's tokens are read, so a row that just finished costs one
+wasted row-step.
 
 At temperature 0 a row's tokens equal the same request run alone (`tests/test_batch.py`), and at T > 0 with a
 seed too: each row draws from its own key stream exactly as `plain_decode` does.

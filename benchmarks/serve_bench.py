@@ -4,15 +4,18 @@
     python benchmarks/serve_bench.py --clients 1,4 --trials 1 --max-tokens 32
 
 Per trial and client count C (interleaved, so slow phases of a shared machine hit every setting alike):
-- bare: the batched forward alone at batch size C (afm_mlx.batch.BatchKVCache, greedy argmax, pipelined as the
-  engine decodes): the ceiling for a server at C rows;
+- bare decode: the batched forward alone at batch size C (afm_mlx.batch.BatchKVCache, greedy argmax, pipelined
+  as the engine decodes), prompts prefilled untimed: the decode ceiling for a server at C rows;
+- bare, same work: the server's token work on the bare forward, timed whole: per round the C clients' prompts
+  prefilled together (afm_mlx.batch.padding_groups, as the engine admits rows), then --max-tokens steps at
+  batch C. A server must prefill every prompt it is sent; this is the ceiling for that workload, so
+  serve / bare-same-work is what scheduling, HTTP, detokenizing and streaming leave (their cost: 1 - ratio);
 - server: C concurrent streaming clients (httpx, raw SSE) against a live `afm-mlx serve` on 127.0.0.1, each
   sending --requests completions of --max-tokens tokens in turn: aggregate tokens/s over the whole run, time to
   first token and inter-token latency (p50 / p99 over all requests);
-- ratio: server / bare tokens/s at the same C (scheduling, HTTP, detokenizing and streaming cost: 1 - ratio);
 - engine: the server's workload (C clients, --requests each in turn, the same prompts) through the batch engine
   in this process, no HTTP: prompts prefilled as they join, so server / engine isolates what HTTP, SSE and the
-  engine thread cost, and engine / bare what the joining rows' prefill costs (the bare forward has none).
+  engine thread cost.
 Adapters: the batch engine (BatchGenerator) with --adapter-rows rows, none vs 4 different random rank-32 adapters
 spread over the rows (one per row, round robin), tokens/s per trial.
 """
@@ -37,7 +40,9 @@ import mlx.core as mx
 
 import afm_mlx
 from afm_mlx.adapters import add_adapter
-from afm_mlx.batch import BatchGenerator, BatchKVCache, kv_template, make_request
+from afm_mlx.batch import BatchGenerator, BatchKVCache, kv_template, make_request, padding_groups, prefill_rows
+from afm_mlx.cache import KVCache
+from afm_mlx.generation import PREFILL_CHUNK_SIZE
 from afm_mlx.bench.suite import random_adapter
 
 ROOT = Path(__file__).resolve().parent
@@ -50,26 +55,57 @@ PROMPTS = [p[:300] for novel in json.loads((ROOT / "prompts_held_out.json").read
 
 
 def bare_tps(model, tokenizer, rows: int, steps: int) -> float:
-    """Greedy tokens/s of the batched forward alone: `rows` prompts prefilled, then `steps` pipelined steps."""
-    prompts = [tokenizer.encode_prompt(PROMPTS[i % len(PROMPTS)], raw=True) for i in range(rows)]
-    singles = []
-    for ids in prompts:
-        cache = model.make_cache()
-        model.prefill(mx.array([ids[:-1]]), cache)
-        singles.append(cache)
-    batch = [BatchKVCache() for _ in model.model.layers]
-    for layer, cache in enumerate(batch):
-        cache.add_rows([s[layer] for s in singles], kv_template(model))
-    step = lambda x: mx.argmax(model(x[:, None], batch, num_logits=1)[:, -1], axis=-1)  # noqa: E731
-    y = step(mx.array([ids[-1] for ids in prompts]))
+    """Greedy decode tokens/s of the batched forward alone: `rows` prompts prefilled (untimed), then `steps`
+    pipelined steps."""
+    caches, last = prefilled(model, [tokenizer.encode_prompt(PROMPTS[i % len(PROMPTS)], raw=True)
+                                     for i in range(rows)])
+    y = greedy_step(model, caches, mx.array(last))
     mx.eval(y)
     start = time.perf_counter()
+    decode(model, caches, y, steps)
+    return rows * steps / (time.perf_counter() - start)
+
+
+def bare_workload_tps(model, tokenizer, clients: int, requests: int, max_tokens: int) -> float:
+    """The load() workload's token work on the bare forward, timed whole: per round, the clients' prompts
+    prefilled together (as the engine groups joining rows), then max_tokens greedy steps at batch `clients`."""
+    start = time.perf_counter()
+    for r in range(requests):
+        prompts = [tokenizer.encode_prompt(PROMPTS[(c * requests + r) % len(PROMPTS)], raw=True)
+                   for c in range(clients)]
+        caches, last = prefilled(model, prompts)
+        decode(model, caches, greedy_step(model, caches, mx.array(last)), max_tokens - 1)
+    return clients * requests * max_tokens / (time.perf_counter() - start)
+
+
+def prefilled(model, prompts: list[list[int]]) -> tuple[list[BatchKVCache], list[int]]:
+    """A batch cache holding each prompt but its last id, prefilled in afm_mlx.batch.padding_groups as the engine
+    admits rows, and the rows' last ids in the cache's row order."""
+    caches, order = [BatchKVCache() for _ in model.model.layers], []
+    for group in padding_groups([len(ids) - 1 for ids in prompts]):
+        part = [BatchKVCache() for _ in model.model.layers]
+        for c in part:
+            c.add_rows([KVCache() for _ in group], kv_template(model))
+        prefill_rows(model, part, [prompts[i][:-1] for i in group], PREFILL_CHUNK_SIZE)
+        for c, new in zip(caches, part):
+            c.extend(new)
+        order += group
+    return caches, [prompts[i][-1] for i in order]
+
+
+def greedy_step(model, caches: list[BatchKVCache], x: mx.array) -> mx.array:
+    return mx.argmax(model(x[:, None], caches, num_logits=1)[:, -1], axis=-1)
+
+
+def decode(model, caches: list[BatchKVCache], y: mx.array, steps: int) -> None:
+    """`steps` greedy steps from tokens y [B], pipelined as the engine decodes (the next step queued before the
+    host reads this one's tokens)."""
     for _ in range(steps):
-        following = step(y)
+        following = greedy_step(model, caches, y)
         mx.async_eval(following)
         y.tolist()
         y = following
-    return rows * steps / (time.perf_counter() - start)
+    y.tolist()
 
 
 # ---- the server under load
@@ -226,12 +262,14 @@ def run(opts) -> dict:
     model, tokenizer = afm_mlx.load(draft=False)
     for c in opts.clients:
         bare_tps(model, tokenizer, c, 4)  # warm-up
-    trials = {c: {"bare": [], "engine": [], "server": [], "mlx_lm": []} for c in opts.clients}
+    trials = {c: {"bare": [], "bare_workload": [], "engine": [], "server": [], "mlx_lm": []} for c in opts.clients}
     exit_codes = []
     for _ in range(opts.trials):  # one server up at a time
         with server(afm_server(max(opts.clients)), "afm", exit_codes) as url:
             for c in opts.clients:
                 trials[c]["bare"].append(bare_tps(model, tokenizer, c, opts.max_tokens))
+                trials[c]["bare_workload"].append(bare_workload_tps(model, tokenizer, c, opts.requests,
+                                                                    opts.max_tokens))
                 trials[c]["engine"].append(engine_workload_tps(model, tokenizer, c, opts.requests, opts.max_tokens))
                 trials[c]["server"].append(asyncio.run(load(url, c, opts.requests, opts.max_tokens)))
         if opts.mlx_lm:
@@ -258,7 +296,10 @@ def server(command: list[str], model_id: str, exit_codes: list[int]):
 def summarise(clients: int, t: dict) -> dict:
     ratios = [s["tps"] / b for b, s in zip(t["bare"], t["server"])]
     server = {k: statistics.median(s[k] for s in t["server"]) for k in t["server"][0]}
-    row = {"clients": clients, "bare_tps": statistics.median(t["bare"]), "engine_tps": statistics.median(t["engine"]),
+    with_prefill = [s["tps"] / b for b, s in zip(t["bare_workload"], t["server"])]
+    row = {"clients": clients, "bare_tps": statistics.median(t["bare"]),
+           "bare_workload_tps": statistics.median(t["bare_workload"]), "engine_tps": statistics.median(t["engine"]),
+           "ratio_with_prefill": statistics.median(with_prefill), "ratios_with_prefill": with_prefill,
            "server_vs_engine": statistics.median(s["tps"] / e for e, s in zip(t["engine"], t["server"])),
            **{f"server_{k}": v for k, v in server.items()}, "ratio": statistics.median(ratios), "ratios": ratios}
     if t["mlx_lm"]:
@@ -280,16 +321,18 @@ def markdown(result: dict) -> str:
              f"{o['requests']} completions of {o['max_tokens']} tokens per client, greedy, streamed; medians of "
              f"{o['trials']} trials (bare and server interleaved per client count; one server up at a time); "
              f"commit {m['commit']}, {m['cpus']} CPUs, load average {', '.join(f'{x:.1f}' for x in m['load_avg'])}.",
-             "", "| clients | bare forward tok/s | engine, same workload tok/s | afm-mlx serve tok/s | serve / bare | "
-                 "serve / engine | TTFT p50 / p99 ms | ITL p50 / p99 ms | mlx_lm.server tok/s | TTFT p50 / p99 ms | "
+             "", "| clients | bare decode tok/s | bare, same work (prefill + decode) tok/s | "
+                 "engine, same workload tok/s | afm-mlx serve tok/s | serve / bare decode | serve / bare same work | serve / engine | "
+                 "TTFT p50 / p99 ms | ITL p50 / p99 ms | mlx_lm.server tok/s | TTFT p50 / p99 ms | "
                  "ITL p50 / p99 ms | serve / mlx-lm |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         theirs = (f"{r['mlx_lm_tps']:.1f} | {r['mlx_lm_ttft_p50_ms']:.0f} / {r['mlx_lm_ttft_p99_ms']:.0f} | "
                   f"{r['mlx_lm_itl_p50_ms']:.0f} / {r['mlx_lm_itl_p99_ms']:.0f} | {r['vs_mlx_lm']:.2f}"
                   if "mlx_lm_tps" in r else "- | - | - | -")
-        lines.append(f"| {r['clients']} | {r['bare_tps']:.1f} | {r['engine_tps']:.1f} | {r['server_tps']:.1f} | "
-                     f"{r['ratio']:.2f} | {r['server_vs_engine']:.2f} | "
+        lines.append(f"| {r['clients']} | {r['bare_tps']:.1f} | {r['bare_workload_tps']:.1f} | {r['engine_tps']:.1f} | "
+                     f"{r['server_tps']:.1f} | {r['ratio']:.2f} | {r['ratio_with_prefill']:.2f} | "
+                     f"{r['server_vs_engine']:.2f} | "
                      f"{r['server_ttft_p50_ms']:.0f} / {r['server_ttft_p99_ms']:.0f} | "
                      f"{r['server_itl_p50_ms']:.0f} / {r['server_itl_p99_ms']:.0f} | {theirs} |")
     a = result["adapters"]
