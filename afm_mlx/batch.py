@@ -388,7 +388,7 @@ class BatchGenerator:
         while (self.waiting and len(self.rows) + len(joined) < self.max_batch
                and len(joined) < self.prefill_batch):
             joined.append(self.waiting.popleft())
-        joined = self._prefill(joined) if joined else []
+        joined = self._prefill(joined)
         self.rows += joined
         return joined
 
@@ -405,22 +405,15 @@ class BatchGenerator:
         return [rows[i] for i in order]
 
     def _prefill_group(self, rows: list[Row], found: list[tuple[list[KVCache], int]], news: list[list[int]]) -> None:
-        """One forward for the rows' remaining ids, right-padded to the longest (causal: no valid position sees
-        the padding, whose K/V are trimmed after), then the rows appended to the base (and draft) caches."""
-        batch = [BatchKVCache() for _ in self.cache]
-        for layer, c in enumerate(batch):
-            c.add_rows([caches[layer] for caches, _ in found], self.template)
+        """One forward for the rows' remaining ids (prefill_into), then the same for the draft's rows, which hold
+        the whole prompt (but its last id)."""
         with using_row_adapters(self.model, [row.request.adapter for row in rows]):
-            prefill_rows(self.model, batch, news, self.prefill_chunk_size)
-        for c, new in zip(self.cache, batch):
-            c.extend(new)
-        if self.drafter is not None:  # the draft's rows hold the whole prompt too (but its last id)
-            drafted = [BatchKVCache() for _ in self.drafter.cache]
-            for c in drafted:
-                c.add_rows([KVCache() for _ in rows], self.drafter.template)
-            prefill_rows(self.drafter.model, drafted, [row.history[:-1] for row in rows], self.prefill_chunk_size)
-            for c, new in zip(self.drafter.cache, drafted):
-                c.extend(new)
+            batch = prefill_into(self.model, self.cache, [caches for caches, _ in found], news, self.template,
+                                 self.prefill_chunk_size)
+        if self.drafter is not None:
+            empty = [[KVCache() for _ in self.drafter.cache] for _ in rows]
+            prefill_into(self.drafter.model, self.drafter.cache, empty, [row.history[:-1] for row in rows],
+                         self.drafter.template, self.prefill_chunk_size)
         for b, (row, (_, reused)) in enumerate(zip(rows, found)):
             if self.prefix_cache is not None:
                 self.prefix_cache.store(row.history[:-1], row.request.adapter,
@@ -499,6 +492,19 @@ def padding_groups(lengths: list[int], waste: float = PREFILL_PADDING) -> list[l
         else:
             groups.append([i])
     return groups
+
+
+def prefill_into(model: Model, caches: list[BatchKVCache], starts: list[list[KVCache]], news: list[list[int]],
+                 template: mx.array, chunk_size: int) -> list[BatchKVCache]:
+    """Append rows to the batch caches: row b from the per-sequence caches starts[b] (a cached prefix, or empty)
+    plus news[b], all in one forward (prefill_rows). Returns the new rows' own batch caches."""
+    rows = [BatchKVCache() for _ in caches]
+    for layer, c in enumerate(rows):
+        c.add_rows([start[layer] for start in starts], template)
+    prefill_rows(model, rows, news, chunk_size)
+    for c, new in zip(caches, rows):
+        c.extend(new)
+    return rows
 
 
 def prefill_rows(model: Model, caches: list[BatchKVCache], news: list[list[int]], chunk_size: int) -> None:

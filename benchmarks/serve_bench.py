@@ -40,8 +40,7 @@ import mlx.core as mx
 
 import afm_mlx
 from afm_mlx.adapters import add_adapter
-from afm_mlx.batch import BatchGenerator, BatchKVCache, kv_template, make_request, padding_groups, prefill_rows
-from afm_mlx.cache import KVCache
+from afm_mlx.batch import BatchGenerator, BatchKVCache, kv_template, make_request, padding_groups, prefill_into
 from afm_mlx.generation import PREFILL_CHUNK_SIZE
 from afm_mlx.bench.suite import random_adapter
 
@@ -83,12 +82,8 @@ def prefilled(model, prompts: list[list[int]]) -> tuple[list[BatchKVCache], list
     admits rows, and the rows' last ids in the cache's row order."""
     caches, order = [BatchKVCache() for _ in model.model.layers], []
     for group in padding_groups([len(ids) - 1 for ids in prompts]):
-        part = [BatchKVCache() for _ in model.model.layers]
-        for c in part:
-            c.add_rows([KVCache() for _ in group], kv_template(model))
-        prefill_rows(model, part, [prompts[i][:-1] for i in group], PREFILL_CHUNK_SIZE)
-        for c, new in zip(caches, part):
-            c.extend(new)
+        prefill_into(model, caches, [model.make_cache() for _ in group], [prompts[i][:-1] for i in group],
+                     kv_template(model), PREFILL_CHUNK_SIZE)
         order += group
     return caches, [prompts[i][-1] for i in order]
 
@@ -322,7 +317,8 @@ def markdown(result: dict) -> str:
              f"{o['trials']} trials (bare and server interleaved per client count; one server up at a time); "
              f"commit {m['commit']}, {m['cpus']} CPUs, load average {', '.join(f'{x:.1f}' for x in m['load_avg'])}.",
              "", "| clients | bare decode tok/s | bare, same work (prefill + decode) tok/s | "
-                 "engine, same workload tok/s | afm-mlx serve tok/s | serve / bare decode | serve / bare same work | serve / engine | "
+                 "engine, same workload tok/s | afm-mlx serve tok/s | serve / bare decode | serve / bare same work | "
+                 "serve / engine | "
                  "TTFT p50 / p99 ms | ITL p50 / p99 ms | mlx_lm.server tok/s | TTFT p50 / p99 ms | "
                  "ITL p50 / p99 ms | serve / mlx-lm |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
