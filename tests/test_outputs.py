@@ -179,7 +179,7 @@ def test_convert_removes_leftovers_of_dead_runs_only(toolkit, tmp_path):
 _SLOW_CONVERT = textwrap.dedent("""
     import sys, time
     from afm_mlx.converters import convert
-    convert(sys.argv[1], sys.argv[2], progress=lambda *args: time.sleep(0.2))
+    convert(sys.argv[1], sys.argv[2], progress=lambda *args: time.sleep(1.0))
 """)
 
 
