@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -183,20 +184,38 @@ _SLOW_CONVERT = textwrap.dedent("""
 """)
 
 
+def _start_slow_convert(toolkit, out: Path, sighup) -> subprocess.Popen:
+    """A convert in a child whose SIGHUP disposition is `sighup`: set explicitly, because a child inherits an
+    ignored SIGHUP (a suite run under nohup) and the converter rightly leaves such a choice alone."""
+    return subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(toolkit), str(out)], stderr=subprocess.PIPE,
+                            preexec_fn=lambda: [signal.signal(s, h) for s, h in
+                                                ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGHUP, sighup))])
+
+
+def _signal_once_staging(root: Path, process: subprocess.Popen, signum: int) -> None:
+    deadline = time.monotonic() + 60
+    while not ((root / "new").exists() and any(p.name.startswith(".out.converting-")
+                                               for p in (root / "new").iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
+        time.sleep(0.05)
+    process.send_signal(signum)
+
+
 def test_sigterm_and_sighup_during_convert_leave_nothing(toolkit, tmp_path):
     runs = {}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         root = tmp_path / signum.name
         root.mkdir()
-        runs[signum] = (root, subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(toolkit),
-                                                str(root / "new" / "out")], stderr=subprocess.PIPE))
+        runs[signum] = (root, _start_slow_convert(toolkit, root / "new" / "out", signal.SIG_DFL))
     for signum, (root, process) in runs.items():
-        deadline = time.monotonic() + 60
-        while not ((root / "new").exists() and any(p.name.startswith(".out.converting-")
-                                                   for p in (root / "new").iterdir())):
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
-            time.sleep(0.05)
-        process.send_signal(signum)
+        _signal_once_staging(root, process, signum)
     for signum, (root, process) in runs.items():
         assert process.wait(timeout=60) == 128 + signum, process.stderr.read().decode()[-2000:]
         assert entries(root) == []  # no staging folder, no OUT, no parent made for it
+
+
+def test_convert_under_nohup_ignores_sighup_and_finishes(toolkit, tmp_path):
+    process = _start_slow_convert(toolkit, tmp_path / "new" / "out", signal.SIG_IGN)
+    _signal_once_staging(tmp_path, process, signal.SIGHUP)
+    assert process.wait(timeout=120) == 0, process.stderr.read().decode()[-2000:]
+    assert entries(tmp_path / "new") == ["out"]
