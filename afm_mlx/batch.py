@@ -405,15 +405,18 @@ class BatchGenerator:
         return [rows[i] for i in order]
 
     def _prefill_group(self, rows: list[Row], found: list[tuple[list[KVCache], int]], news: list[list[int]]) -> None:
-        """One forward for the rows' remaining ids (prefill_into), then the same for the draft's rows, which hold
-        the whole prompt (but its last id)."""
+        """One forward for the rows' remaining ids (prefill_into), then the same for the draft's rows of rows that
+        speculate, which hold the whole prompt (but its last id). A plain row's draft row stays empty, a prefix of
+        its history as BatchDrafter needs: it is fed only if the row ever shares a speculative round (it catches
+        up then), so a batch without speculating rows never runs the draft."""
         with using_row_adapters(self.model, [row.request.adapter for row in rows]):
             batch = prefill_into(self.model, self.cache, [caches for caches, _ in found], news, self.template,
                                  self.prefill_chunk_size)
         if self.drafter is not None:
             empty = [[KVCache() for _ in self.drafter.cache] for _ in rows]
-            prefill_into(self.drafter.model, self.drafter.cache, empty, [row.history[:-1] for row in rows],
-                         self.drafter.template, self.prefill_chunk_size)
+            prefill_into(self.drafter.model, self.drafter.cache, empty,
+                         [row.history[:-1] if row.k else [] for row in rows], self.drafter.template,
+                         self.prefill_chunk_size)
         for b, (row, (_, reused)) in enumerate(zip(rows, found)):
             if self.prefix_cache is not None:
                 self.prefix_cache.store(row.history[:-1], row.request.adapter,

@@ -241,8 +241,10 @@ class Engine:
         self._tickets.clear()
         with self._lock:
             self._queued -= len(self.batch.waiting)
+        drafter = self.batch.drafter
         self.batch = BatchGenerator(self.model, self.tokenizer, max_batch=self.batch.max_batch,
-                                    prefix_cache=self.batch.prefix_cache)
+                                    prefix_cache=self.batch.prefix_cache,
+                                    draft=drafter.model if drafter is not None else None)
 
     def _fail_queued(self, err: AFMError) -> None:
         while True:

@@ -3,6 +3,8 @@ equals its request run alone with afm_mlx.generate and the same k (greedy and se
 (0 = plain) in one batch, rows joining and leaving, adapters, guided rows, logprobs, and both caches rolled back
 exactly."""
 
+import queue
+
 import jsonschema
 import mlx.core as mx
 import numpy as np
@@ -12,6 +14,7 @@ import afm_mlx
 from afm_mlx.adapters import load_adapter
 from afm_mlx.batch import BatchGenerator, BatchRequest, batch_generate, make_request
 from afm_mlx.converters.torch_zip import save_checkpoint
+from afm_mlx.engine import Engine
 from afm_mlx.errors import AFMError
 from adapter_fixtures import toolkit_lora
 from test_batch import alone, assert_same_as_alone as same_tokens_as_alone
@@ -73,6 +76,21 @@ def test_rows_join_and_leave_and_plain_rows_catch_the_draft_up(demo):
     options = [dict(max_tokens=24), dict(max_tokens=6), dict(max_tokens=10, num_draft_tokens=4),
                dict(max_tokens=7, num_draft_tokens=2), dict(max_tokens=9)]
     assert_same_as_alone(*demo, prompts, options, max_batch=2)
+
+
+def test_plain_rows_never_run_the_draft_until_a_speculating_row_joins(demo):
+    # the server holds a draft for the requests that ask for one; the rest must not pay for its prefill
+    model, tokenizer = demo
+    batch = BatchGenerator(model, tokenizer, max_batch=4, draft=model.draft)
+    for prompt in PROMPTS[:3]:
+        batch.submit(make_request(tokenizer, prompt, max_tokens=6))
+    while batch.busy:
+        batch.step()
+        assert batch.drafter.lengths == [0] * len(batch.rows)
+    batch.submit(make_request(tokenizer, PROMPTS[0], max_tokens=12))
+    batch.submit(make_request(tokenizer, PROMPTS[1], max_tokens=8, num_draft_tokens=2))
+    batch.step()  # the plain row's draft row caught up in the round
+    assert [length > 0 for length in batch.drafter.lengths] == [True, True]
 
 
 def test_adapters_and_speculation_share_a_batch(demo):
@@ -153,3 +171,27 @@ def test_speculative_requests_are_checked(demo):
     with pytest.raises(AFMError, match="integer >= 1"):
         batch.submit(BatchRequest([1, 2, 3], num_draft_tokens=-1))
     assert not batch.busy
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_keeps_its_draft(demo):
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, max_batch=2, draft=model.draft).start()
+    got: queue.Queue = queue.Queue()
+
+    def run(**options):
+        engine.submit(make_request(tokenizer, PROMPTS[1], max_tokens=6, **options), got.put)
+        while not isinstance(item := got.get(timeout=60), Exception) and item.finish_reason is None:
+            pass
+        return item
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    try:
+        engine.batch.step = broken_step
+        assert str(run()) == "generation failed: RuntimeError"
+        spec = run(num_draft_tokens=2).stats.speculative  # the batch made after the failure has the draft
+        assert spec is not None and spec.rounds > 0
+    finally:
+        engine.stop()
+
