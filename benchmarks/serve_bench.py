@@ -12,7 +12,8 @@ Per trial and client count C (interleaved, so slow phases of a shared machine hi
   serve / bare-same-work is what scheduling, HTTP, detokenizing and streaming leave (their cost: 1 - ratio);
 - server: C concurrent streaming clients (httpx, raw SSE) against a live `afm-mlx serve` on 127.0.0.1, each
   sending --requests completions of --max-tokens tokens in turn: aggregate tokens/s over the whole run, time to
-  first token and inter-token latency (p50 / p99 over all requests);
+  first token and inter-token latency (p50 / p99 over all requests). It and mlx_lm.server run without prompt
+  caches (--prefix-cache-mb 0, --prompt-cache-size 0), so they prefill every prompt as the other columns do;
 - engine: the server's workload (C clients, --requests each in turn, the same prompts) through the batch engine
   in this process, no HTTP: prompts prefilled as they join, so server / engine isolates what HTTP, SSE and the
   engine thread cost.
@@ -130,13 +131,16 @@ def start_server(command: list[str], model_id: str = "afm") -> tuple[subprocess.
     raise RuntimeError(f"{command[0]} did not start")
 
 
+# Both servers run without their prompt caches: the warm-up sends the timed prompts first, and a server that
+# reused their K/V would be timed on less work than the bare and engine columns do.
 def afm_server(max_batch: int) -> list[str]:
     return [str(Path(sys.executable).parent / "afm-mlx"), "serve", "--max-batch", str(max_batch),
-            "--max-queue", "256"]
+            "--max-queue", "256", "--prefix-cache-mb", "0"]
 
 
 def mlx_lm_server(max_batch: int) -> list[str]:
-    return [sys.executable, str(ROOT / "mlx_lm_serve.py"), "--decode-concurrency", str(max_batch)]
+    return [sys.executable, str(ROOT / "mlx_lm_serve.py"), "--decode-concurrency", str(max_batch),
+            "--prompt-cache-size", "0"]
 
 
 async def one_request(client, url: str, prompt: str, max_tokens: int, model_id: str) -> dict:
