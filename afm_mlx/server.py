@@ -386,21 +386,37 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def install_limits(app: FastAPI, config: ServerConfig) -> None:
-    """The API key on /v1 (Bearer, constant-time compare) and the body cap (by Content-Length)."""
+    app.add_middleware(Limits, config=config)
 
-    @app.middleware("http")
-    async def limits(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and config.api_key is not None:
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), config.api_key.encode()):
-                return APIError(401, "invalid or missing API key", code="invalid_api_key").response()
-        if request.method == "POST":
-            length = request.headers.get("content-length")
+
+class Limits:
+    """The API key on /v1 (Bearer, constant-time compare) and the body cap (by Content-Length), as plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware (`@app.middleware`) passes every streamed chunk through an anyio
+    memory stream and extra tasks, Python work on the event loop thread that holds the GIL the engine thread needs."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal.response()(scope, receive, send)
+
+    def refusal(self, scope) -> APIError | None:
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        if scope["path"].startswith("/v1/") and self.config.api_key is not None:
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), self.config.api_key.encode()):
+                return APIError(401, "invalid or missing API key", code="invalid_api_key")
+        if scope["method"] == "POST":
+            length = headers.get("content-length")
             if length is None or not length.isdigit():
-                return APIError(411, "a Content-Length header is required").response()
-            if int(length) > config.max_body_bytes:
-                return APIError(413, f"the request body is over {config.max_body_bytes} bytes").response()
-        return await call_next(request)
+                return APIError(411, "a Content-Length header is required")
+            if int(length) > self.config.max_body_bytes:
+                return APIError(413, f"the request body is over {self.config.max_body_bytes} bytes")
+        return None
 
 
 def add_info_routes(app: FastAPI) -> None:

@@ -181,6 +181,9 @@ def test_a_bad_or_missing_key_is_a_401(server):
     oversized = httpx.post(server.url + "/v1/completions", content=b"x" * (2 << 20),
                            headers={"authorization": f"Bearer {KEY}"})
     assert oversized.status_code == 413 and oversized.json()["error"]["message"]
+    chunked = httpx.post(server.url + "/v1/completions", content=iter([b'{"model": "afm", "prompt": "x"}']),
+                         headers={"authorization": f"bearer {KEY}"})  # no Content-Length: the cap cannot be checked
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")
